@@ -1,0 +1,419 @@
+"""Hydra integration: the ``energy`` structured config, ``instantiate_energy`` and sweep-aware MLflow runs.
+
+A Hydra app gets energy logging with one defaults line and one call::
+
+    # conf/app.yaml
+    defaults:
+      - energy: default        # or estimate | nvml | "off" (quote off: it is a YAML boolean)
+      - _self_
+
+    # app.py
+    trainer = Trainer(logger=make_mlflow_logger(cfg), callbacks=[*instantiate_energy(cfg)])
+
+The packaged options (``default``, ``nvml``, ``estimate``, ``off``) extend :class:`EnergyConfig`
+through their defaults lists, so a bad value fails at composition, before training, with a
+message naming the field (``energy.cpu``) and the allowed values.
+
+Importing this module imports Hydra and OmegaConf only (no torch, lightning or mlflow): the
+SearchPathPlugin imports it at every Hydra app start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from wattlog.errors import ConfigError
+from wattlog.integrations.hydra_sweep import (
+    DEFAULT_TRACKING_URI,
+    SWEEP_CALLBACK_TARGET,
+    SWEEP_FILE,
+    EnergySweepCallback,
+    read_sweep_file,
+)
+
+__all__ = [
+    "SWEEP_FILE",
+    "EnergyConfig",
+    "EnergySweepCallback",
+    "HostSource",
+    "TargetConfig",
+    "TargetMode",
+    "energy_kwargs",
+    "instantiate_energy",
+    "job_overrides",
+    "make_mlflow_logger",
+    "mlflow_run_kwargs",
+    "overrides_as_params",
+    "register_configs",
+    "sweep_info",
+]
+
+SCHEMA_GROUP = "wattlog_schema"
+SCHEMA_NAME = "energy"
+_GPUS_ALLOWED = "'auto', 'none', or a list of CUDA device ordinals such as [0, 1]"
+
+
+class HostSource(Enum):
+    """How CPU or RAM energy is measured."""
+
+    auto = "auto"
+    rapl = "rapl"
+    estimate = "estimate"
+    none = "none"
+
+
+class TargetMode(Enum):
+    """Whether the target metric is reached from below (``max``) or from above (``min``)."""
+
+    max = "max"
+    min = "min"
+
+
+@dataclass
+class TargetConfig:
+    """``energy.target``: report ``energy/kwh_to_target`` when ``metric`` first reaches ``value``.
+
+    ``metric: null`` (the default) means no target.
+    """
+
+    metric: Optional[str] = None
+    value: Optional[float] = None
+    mode: TargetMode = TargetMode.max
+
+
+@dataclass
+class EnergyConfig:
+    """Schema of the ``energy`` node; mirrors every ``wattlog.EnergyMonitor`` argument.
+
+    ``enabled: false`` (the ``off`` option) makes :func:`instantiate_energy` return ``[]``.
+    ``gpus`` is ``auto``, ``none`` or a list of CUDA ordinals (checked by ``instantiate_energy``:
+    OmegaConf cannot type a union). ``batch_size_fn`` is the dotted path of a function
+    ``batch -> int``.
+    """
+
+    _target_: str = "wattlog.EnergyMonitor"
+    enabled: bool = True
+    gpus: Any = "auto"
+    cpu: HostSource = HostSource.auto
+    ram: HostSource = HostSource.auto
+    country: Optional[str] = None
+    region: Optional[str] = None
+    carbon_intensity: Optional[float] = None
+    pue: float = 1.0
+    log_every_n_steps: Optional[int] = None
+    sample_interval_s: float = 0.02
+    sync_cuda: bool = False
+    per_device: bool = False
+    target: TargetConfig = field(default_factory=TargetConfig)
+    idle_baseline_s: float = 0.0
+    progress_bar: bool = True
+    batch_size_fn: Optional[str] = None
+    require_gpu_counter: bool = False
+    spool_dir: Optional[str] = None
+    artifacts: bool = True
+
+
+def register_configs() -> None:
+    """Store :class:`EnergyConfig` in Hydra's ConfigStore as ``wattlog_schema/energy``.
+
+    Idempotent. The packaged ``energy/*.yaml`` options list it first in their defaults list
+    (``/wattlog_schema/energy@_here_``), so the schema validates them and every override.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group=SCHEMA_GROUP, name=SCHEMA_NAME, node=EnergyConfig, provider="wattlog")
+
+
+def _energy_node(cfg: Any) -> Any:
+    """The ``energy`` node of an app config, or ``cfg`` itself when it already is one."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, (Mapping, DictConfig)):
+        raise ConfigError("energy", cfg, "a config mapping (the app's cfg or its energy node)")
+    if "energy" in cfg:
+        return cfg["energy"]
+    if "_target_" in cfg or "enabled" in cfg:
+        return cfg
+    raise ConfigError("energy", "<missing>", "a config with an `energy` node: add `- energy: default` to defaults")
+
+
+def _validated(node: Any) -> DictConfig:
+    """Merge ``node`` onto the schema, turning OmegaConf errors into ConfigError."""
+    schema = OmegaConf.structured(EnergyConfig)
+    try:
+        merged = OmegaConf.merge(schema, node)
+        OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+        key = str(key)
+        full = key if key.startswith("energy") else f"energy.{key}"
+        raise ConfigError(full, getattr(exc, "value", None), _allowed_for(key, exc)) from exc
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _allowed_for(key: str, exc: Exception) -> str:
+    """Allowed values of a schema field, for error messages."""
+    leaf = key.rsplit(".", 1)[-1]
+    enum_type = {"cpu": HostSource, "ram": HostSource, "mode": TargetMode}.get(leaf)
+    if enum_type is not None:
+        return ", ".join(repr(m.name) for m in enum_type)
+    if leaf == "gpus":
+        return _GPUS_ALLOWED
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"a value of the schema's type ({first_line})"
+
+
+def _check_gpus(value: Any) -> str | list[int]:
+    """``energy.gpus`` as ``auto`` / ``none`` / list of non-negative ints (a bare int means ``[int]``)."""
+    if isinstance(value, str) and value in ("auto", "none"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return [value]
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        return list(value)
+    raise ConfigError("energy.gpus", value, _GPUS_ALLOWED)
+
+
+def _check_target(target: dict[str, Any]) -> dict[str, Any] | None:
+    """``energy.target`` as the ``EnergyMonitor`` dict, or None when no metric is set."""
+    if target.get("metric") is None:
+        if target.get("value") is not None:
+            raise ConfigError("energy.target.metric", None, "the name of a logged metric, e.g. 'val_acc'")
+        return None
+    if target.get("value") is None:
+        raise ConfigError("energy.target.value", None, "the metric value to reach, e.g. 0.85")
+    return {"metric": target["metric"], "value": float(target["value"]), "mode": target["mode"]}
+
+
+def energy_kwargs(cfg: Any) -> dict[str, Any] | None:
+    """Validated ``EnergyMonitor`` keyword arguments (with ``_target_``), or None when disabled.
+
+    Args:
+        cfg: the app's whole config (its ``energy`` node is read) or the energy node itself.
+
+    Raises:
+        ConfigError: a field has a bad value; the message names ``energy.<field>``.
+    """
+    node = _energy_node(cfg)
+    if node is None:
+        return None
+    merged = _validated(node)
+    kwargs = OmegaConf.to_container(merged, resolve=True, enum_to_str=True)
+    assert isinstance(kwargs, dict)
+    if not kwargs.pop("enabled"):
+        return None
+    kwargs["gpus"] = _check_gpus(kwargs["gpus"])
+    kwargs["target"] = _check_target(kwargs["target"])
+    path = kwargs.get("batch_size_fn")
+    if path is not None:
+        from hydra.utils import get_method
+
+        try:
+            kwargs["batch_size_fn"] = get_method(path)
+        except Exception as exc:
+            raise ConfigError("energy.batch_size_fn", path, "the dotted path of a callable batch -> int") from exc
+    return kwargs
+
+
+def instantiate_energy(cfg: Any) -> list[Any]:
+    """Build the energy callbacks an app passes to ``Trainer(callbacks=...)``.
+
+    The contract: always a list, so ``callbacks=[*instantiate_energy(cfg), ...]`` works in every
+    case. ``[]`` for ``energy=off`` (``enabled: false``) or ``energy: null``; otherwise
+    ``[EnergyMonitor(...)]`` built from ``_target_`` (default ``wattlog.EnergyMonitor``).
+
+    Args:
+        cfg: the app's whole config (its ``energy`` node is read) or the energy node itself.
+
+    Returns:
+        The callbacks: empty when energy is off.
+
+    Raises:
+        ConfigError: bad configuration (field, value and allowed values in the message).
+    """
+    register_configs()
+    kwargs = energy_kwargs(cfg)
+    if kwargs is None:
+        return []
+    from hydra.utils import instantiate
+
+    factory = instantiate({"_target_": kwargs.pop("_target_"), "_partial_": True})
+    return [factory(**kwargs)]
+
+
+# ---------------------------------------------------------------- sweep-aware MLflow runs of a job
+
+
+def _hydra_config() -> DictConfig | None:
+    """The running job's ``hydra`` node, or None outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get()
+
+
+def _in_energy_sweep(hc: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    if hc.get("mode") != RunMode.MULTIRUN:
+        return False
+    callbacks = hc.get("callbacks") or {}
+    return any(
+        isinstance(c, (Mapping, DictConfig)) and c.get("_target_") == SWEEP_CALLBACK_TARGET
+        for c in callbacks.values()
+    )
+
+
+def _sweep_dir(hc: DictConfig) -> Path:
+    sweep_dir = Path(str(hc.sweep.dir))
+    if not sweep_dir.is_absolute():
+        base = OmegaConf.select(hc, "runtime.cwd", default=None)
+        sweep_dir = Path(str(base or os.getcwd())) / sweep_dir
+    return sweep_dir
+
+
+def sweep_info() -> dict[str, Any] | None:
+    """The energy sweep this job belongs to, read from ``<hydra.sweep.dir>/.wattlog_sweep.json``.
+
+    The file is written by :class:`EnergySweepCallback` on the launching machine and found from
+    the job's own Hydra config, so it works for jobs in other processes (joblib) or on other hosts
+    sharing the sweep dir (submitit). None outside a multirun, without the callback, or when the
+    file is absent (the parent run could not be opened).
+    """
+    hc = _hydra_config()
+    if hc is None or not _in_energy_sweep(hc):
+        return None
+    return read_sweep_file(_sweep_dir(hc) / SWEEP_FILE)
+
+
+def job_overrides() -> list[str]:
+    """The running job's task overrides (``hydra.overrides.task``), e.g. ``["model.lr=0.1"]``."""
+    hc = _hydra_config()
+    if hc is None:
+        return []
+    return [str(o) for o in hc.overrides.task]
+
+
+_PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def overrides_as_params(overrides: list[str]) -> dict[str, str]:
+    """``["+a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; keys made valid MLflow param names."""
+    params: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            continue
+        key = _PARAM_KEY_BAD.sub("_", key.lstrip("+~"))
+        params[key] = value[:6000]
+    return params
+
+
+def _cfg_get(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    try:
+        return OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else _dict_select(cfg, key)
+    except Exception:  # noqa: BLE001 - a missing/odd node just means "not configured"
+        return None
+
+
+def _dict_select(cfg: Mapping, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def mlflow_run_kwargs(
+    cfg: Any = None,
+    *,
+    experiment_name: str | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of a job's ``MLFlowLogger``, linking it to its energy sweep.
+
+    Inside a sweep run with :class:`EnergySweepCallback`, the sweep's tracking URI and
+    experiment win (children must share the parent's experiment to nest under it). Otherwise:
+    the explicit argument, then ``cfg.mlflow.{experiment_name,tracking_uri}``, then
+    ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_TRACKING_URI``, then ``Default`` / ``sqlite:///mlflow.db``.
+
+    Returns:
+        ``{"experiment_name", "tracking_uri", "run_name", "tags"}``, usable as
+        ``MLFlowLogger(**kwargs)``. In a sweep the tags are ``mlflow.parentRunId``,
+        ``wattlog.sweep_id``, ``wattlog.job_num`` and ``wattlog.overrides`` (JSON list of the
+        job's overrides). :func:`make_mlflow_logger` also logs the overrides as params.
+    """
+    experiment_name = (
+        experiment_name
+        or _cfg_get(cfg, "mlflow.experiment_name")
+        or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        or "Default"
+    )
+    tracking_uri = (
+        tracking_uri
+        or _cfg_get(cfg, "mlflow.tracking_uri")
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or DEFAULT_TRACKING_URI
+    )
+    run_name = run_name or _cfg_get(cfg, "mlflow.run_name")
+    tags: dict[str, str] = {}
+    overrides = job_overrides()
+    if overrides:
+        tags["wattlog.overrides"] = json.dumps(overrides)[:5000]
+    info = sweep_info()
+    if info is not None:
+        tracking_uri = info["tracking_uri"]
+        experiment_name = info["experiment_name"]
+        tags["mlflow.parentRunId"] = info["parent_run_id"]
+        tags["wattlog.sweep_id"] = info["sweep_id"]
+        hc = _hydra_config()
+        if hc is not None and hc.job.get("num") is not None:
+            tags["wattlog.job_num"] = str(hc.job.num)
+            if run_name is None:
+                run_name = f"#{hc.job.num} " + " ".join(overrides) if overrides else f"#{hc.job.num}"
+    return {"experiment_name": experiment_name, "tracking_uri": tracking_uri, "run_name": run_name, "tags": tags}
+
+
+def make_mlflow_logger(
+    cfg: Any = None,
+    *,
+    experiment_name: str | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    **logger_kwargs: Any,
+) -> Any:
+    """A Lightning ``MLFlowLogger`` for this job: a child of the energy sweep's parent run when in one.
+
+    Logs the job's overrides as params (``train.max_epochs=2`` -> param ``train.max_epochs``).
+    Arguments as :func:`mlflow_run_kwargs`; ``logger_kwargs`` go to ``MLFlowLogger``.
+    """
+    try:
+        from lightning.pytorch.loggers import MLFlowLogger
+    except ImportError:  # pragma: no cover - the pytorch_lightning package only
+        from pytorch_lightning.loggers import MLFlowLogger
+
+    kwargs = mlflow_run_kwargs(cfg, experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri)
+    logger = MLFlowLogger(**kwargs, **logger_kwargs)
+    params = overrides_as_params(job_overrides())
+    if params:
+        logger.log_hyperparams(params)
+    return logger
+

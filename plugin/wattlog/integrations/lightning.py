@@ -1,0 +1,587 @@
+"""EnergyMonitor: the Lightning callback that logs per-step power, energy and CO2e into MLflow.
+
+Works with ``lightning.pytorch`` and ``pytorch_lightning`` (the class derives from the
+``Callback`` of each namespace that is installed). The callback is only wiring: the meter
+(``wattlog.meter``) measures, the ledger (``wattlog.ledger``) does the arithmetic and the sink
+(``wattlog.sinks.mlflow``) writes off the training thread.
+
+Logged keys (MLflow run of the trainer's ``MLFlowLogger``, else the active run):
+
+- per train step, every ``log_every_n_steps`` (``step=trainer.global_step``):
+  ``energy/step_j``, ``energy/power_w``, ``energy/gpu_power_w``, ``energy/total_kwh``,
+  ``energy/emissions_g``; with ``per_device=True`` also ``energy/gpu{i}_power_w``.
+- at the end of fit/validate/test/predict: ``energy/{gpu,cpu,ram}_kwh``,
+  ``energy/{train,val,test,predict}_kwh``, ``energy/j_per_sample``,
+  ``energy/{test,predict}_j_per_sample``, ``energy/avg_power_w``, ``energy/duration_s``,
+  ``energy/kwh_to_target`` (when ``target`` was reached); with ``idle_baseline_s`` also
+  ``energy/idle_power_w`` and ``energy/dynamic_kwh``.
+- params ``energy.gpu_model``, ``energy.gpu_count``, ``energy.gpu_method``, ``energy.cpu_method``,
+  ``energy.ram_method``, ``energy.carbon_intensity_g_per_kwh``, ``energy.carbon_source``, ``energy.pue``;
+  tags ``energy.estimated`` and, if anything degraded, ``energy.degraded``.
+- artifacts ``energy/trace.csv`` and ``energy/power.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from wattlog.errors import ConfigError, NoRunError, WattlogError, degrade, strict_mode
+from wattlog.ledger import EnergyLedger, StepAggregator, StepLabel, StepRecord
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases: list[type] = []
+    try:
+        from lightning.pytorch import Callback as LCallback
+
+        bases.append(LCallback)
+    except ImportError:
+        pass
+    try:
+        from pytorch_lightning import Callback as PLCallback
+
+        bases.append(PLCallback)
+    except ImportError:
+        pass
+    if not bases:
+        raise ImportError("EnergyMonitor needs Lightning: pip install 'wattlog[lightning]'")
+    return tuple(bases)
+
+
+def default_batch_size(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of the first tensor found (0 if none)."""
+    stack = [batch]
+    while stack:
+        item = stack.pop(0)
+        shape = getattr(item, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(shape[0])
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return 0
+
+
+def _validate_target(target: Any) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    if isinstance(target, (list, tuple)) and len(target) in (2, 3):
+        target = dict(zip(("metric", "value", "mode"), target))
+    if not isinstance(target, dict) or "metric" not in target or "value" not in target:
+        raise ConfigError("target", target, "None or {'metric': name, 'value': number, 'mode': 'max'|'min'}")
+    mode = target.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ConfigError("target.mode", mode, ("max", "min"))
+    try:
+        value = float(target["value"])
+    except (TypeError, ValueError):
+        raise ConfigError("target.value", target["value"], "a number") from None
+    return {"metric": str(target["metric"]), "value": value, "mode": mode}
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low <= value <= high):
+        allowed = f"a number in [{low}, {high}]" + (" or None" if allow_none else "")
+        raise ConfigError(name, value, allowed)
+
+
+class _EnergyMonitorImpl:
+    """Log per-step GPU/CPU/RAM energy, power and CO2e of a Lightning run into MLflow.
+
+    Args:
+        gpus: ``"auto"`` (the GPUs of this process), ``"none"``, or CUDA device indices.
+        cpu: ``"auto"`` (RAPL, else estimate), ``"rapl"``, ``"estimate"`` or ``"none"``.
+        ram: ``"auto"`` (RAPL dram, else estimate), ``"rapl"``, ``"estimate"`` or ``"none"``.
+        country, region: where the energy is drawn, for the carbon intensity (ISO3 country,
+            US state, Canadian province, Nordic zone); world average when unset.
+        carbon_intensity: gCO2e/kWh, overrides the lookup.
+        pue: data-centre power usage effectiveness (>= 1).
+        log_every_n_steps: log a point every n train steps (default: the trainer's).
+        sample_interval_s: the sampler's cadence.
+        sync_cuda: synchronise CUDA at logging boundaries for exact windows.
+        per_device: also log ``energy/gpu{i}_power_w`` per GPU (global index in the job).
+        target: ``{"metric": "val_acc", "value": 0.85, "mode": "max"}``: log the energy spent
+            until the metric first reached the value as ``energy/kwh_to_target``.
+        idle_baseline_s: measure idle power this long before fit; logs ``energy/dynamic_kwh``.
+        progress_bar: show live ``W`` and ``kWh`` in Lightning's progress bar.
+        batch_size_fn: samples in a batch (default: leading dimension of the first tensor).
+        require_gpu_counter: fail unless every GPU has NVML's energy counter.
+        spool_dir: where unsent points are spooled (default ``$WATTLOG_SPOOL_DIR`` or
+            ``<trainer.default_root_dir>/.wattlog/spool``).
+        artifacts: log ``energy/trace.csv`` and ``energy/power.png``.
+        powercap_root: the powercap sysfs root (tests use a fake tree).
+    """
+
+    def __init__(
+        self,
+        gpus: str | Sequence[int] = "auto",
+        cpu: str = "auto",
+        ram: str = "auto",
+        country: str | None = None,
+        region: str | None = None,
+        carbon_intensity: float | None = None,
+        pue: float = 1.0,
+        log_every_n_steps: int | None = None,
+        sample_interval_s: float = 0.02,
+        sync_cuda: bool = False,
+        per_device: bool = False,
+        target: dict[str, Any] | None = None,
+        idle_baseline_s: float = 0.0,
+        progress_bar: bool = True,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        require_gpu_counter: bool = False,
+        spool_dir: str | os.PathLike[str] | None = None,
+        artifacts: bool = True,
+        powercap_root: str = "/sys/class/powercap",
+    ) -> None:
+        from wattlog.carbon import validate_pue
+        from wattlog.sources import validate_choices
+
+        if isinstance(gpus, (list, tuple)):
+            gpus = list(gpus)
+        elif not isinstance(gpus, str) and hasattr(gpus, "__iter__"):  # e.g. an OmegaConf ListConfig
+            gpus = list(gpus)
+        validate_choices(gpus, cpu, ram)
+        validate_pue(pue)
+        _check_number("carbon_intensity", carbon_intensity, 0.0, allow_none=True)
+        _check_number("sample_interval_s", sample_interval_s, 0.001, 10.0)
+        _check_number("idle_baseline_s", idle_baseline_s, 0.0, 3600.0)
+        if log_every_n_steps is not None and not (
+            isinstance(log_every_n_steps, int) and not isinstance(log_every_n_steps, bool) and log_every_n_steps >= 1
+        ):
+            raise ConfigError("log_every_n_steps", log_every_n_steps, "None or an integer >= 1")
+        for name, value in (("sync_cuda", sync_cuda), ("per_device", per_device), ("progress_bar", progress_bar),
+                            ("require_gpu_counter", require_gpu_counter), ("artifacts", artifacts)):
+            if not isinstance(value, bool):
+                raise ConfigError(name, value, "True or False")
+        for name, value in (("country", country), ("region", region)):
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise ConfigError(name, value, "None or a non-empty string")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise ConfigError("batch_size_fn", batch_size_fn, "None or a callable(batch) -> int")
+        self.gpus = gpus
+        self.cpu = cpu
+        self.ram = ram
+        self.country = country
+        self.region = region
+        self.carbon_intensity = carbon_intensity
+        self.pue = float(pue)
+        self.log_every_n_steps = log_every_n_steps
+        self.sample_interval_s = float(sample_interval_s)
+        self.sync_cuda = sync_cuda
+        self.per_device = per_device
+        self.target = _validate_target(target)
+        self.idle_baseline_s = float(idle_baseline_s)
+        self.progress_bar = progress_bar
+        self.batch_size_fn = batch_size_fn or default_batch_size
+        self.require_gpu_counter = require_gpu_counter
+        self.spool_dir = spool_dir
+        self.artifacts = artifacts
+        self.powercap_root = powercap_root
+        # run state
+        self._meter: Any = None
+        self._sink: Any = None
+        self._ledger: EnergyLedger | None = None
+        self._aggregator: StepAggregator | None = None
+        self._choices: list[Any] = []
+        self._intensity: Any = None
+        self._resume_state: dict[str, Any] | None = None
+        self._loaded_state: dict[str, Any] | None = None
+        self._label: StepLabel | None = None
+        self._stage: str | None = None
+        self._rank = 0
+        self._world_size = 1
+        self._cuda_marks: Any = None
+        self._warned: set[str] = set()
+        self._idle_power_w: float | None = None
+        self._params_logged = False
+        self._last_progress: dict[str, float] = {}
+        self._mark_cost_s = 0.0
+        self._marks = 0
+        self._log_every = 1
+        self._unsent: list[StepRecord] = []
+        self._open_train_labels: list[StepLabel] = []
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _resolve_run(self, trainer: Any) -> tuple[str, str | None]:
+        for logger in getattr(trainer, "loggers", []) or []:
+            if type(logger).__name__ == "MLFlowLogger":
+                return logger.run_id, getattr(logger, "_tracking_uri", None)
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None:
+            return run.info.run_id, mlflow.get_tracking_uri()
+        raise NoRunError(
+            "EnergyMonitor found no MLflow run: add an MLFlowLogger to the Trainer "
+            "(Trainer(logger=MLFlowLogger(experiment_name=..., tracking_uri='sqlite:///mlflow.db'))) "
+            "or start one with mlflow.start_run() before fit."
+        )
+
+    def _gpu_selection(self, trainer: Any) -> str | list[int]:
+        if self.gpus != "auto":
+            return self.gpus
+        root = getattr(trainer.strategy, "root_device", None)
+        if root is not None and getattr(root, "type", "") == "cuda":
+            return [root.index or 0]
+        if root is not None and getattr(root, "type", "") != "cuda":
+            return "none"  # CPU/MPS training: no GPU of ours to measure
+        return "auto"
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from wattlog.carbon import lookup_intensity
+        from wattlog.meter import EnergyMeter
+        from wattlog.sources import select_sources
+
+        self._log_every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
+        self._rank = int(getattr(trainer, "global_rank", 0))
+        self._world_size = int(getattr(trainer, "world_size", 1))
+        local_rank = int(getattr(trainer, "local_rank", 0))
+        if self._rank == 0 and self._sink is None:
+            run_id, tracking_uri = self._resolve_run(trainer)
+            from wattlog.sinks.mlflow import MlflowSink
+
+            spool = self.spool_dir or os.environ.get("WATTLOG_SPOOL_DIR") or os.path.join(
+                getattr(trainer, "default_root_dir", "."), ".wattlog", "spool")
+            self._sink = MlflowSink(run_id, tracking_uri=tracking_uri, spool_dir=spool)
+            self._sink.start()
+        self._intensity = lookup_intensity(self.country, self.region, self.carbon_intensity)
+        cpu, ram = (self.cpu, self.ram) if local_rank == 0 else ("none", "none")  # CPU/RAM once per node
+        self._choices = select_sources(
+            self._gpu_selection(trainer), cpu, ram,
+            require_gpu_counter=self.require_gpu_counter, powercap_root=self.powercap_root,
+        )
+        self._meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.sample_interval_s)
+        domains = self._meter.start()
+        self._drained_j: dict[str, float] = {}
+        prefix = f"r{self._rank}." if self._world_size > 1 else ""
+        local_kinds = {prefix + d.name: d.kind for d in domains}
+        all_kinds = self._gather(local_kinds)
+        kinds: dict[str, str] = {}
+        gpu_order: list[str] = []
+        for rank_kinds in all_kinds:
+            kinds.update(rank_kinds)
+            gpu_order.extend(name for name, kind in rank_kinds.items() if kind == "gpu")
+        if self._ledger is None:
+            self._ledger = EnergyLedger(kinds, self._intensity.g_per_kwh, self.pue, self._world_size,
+                                        self.per_device, gpu_order)
+            if self._loaded_state:
+                self._ledger.load_state_dict(self._loaded_state)
+        else:
+            self._ledger.domain_kinds.update(kinds)
+        self._aggregator = StepAggregator(prefix)
+        self._stage = None
+        if self.idle_baseline_s > 0 and stage == "fit" and self._idle_power_w is None:
+            with self._meter.window("idle") as idle:
+                time.sleep(self.idle_baseline_s)
+            self._idle_power_w = self._sum_gathered(idle.power_w)
+        if self.sync_cuda is False and self._uses_cuda(trainer):
+            from wattlog.integrations.cuda_marks import CudaBoundaries
+
+            self._cuda_marks = CudaBoundaries(self._meter)
+            self._cuda_marks.start()
+
+    @staticmethod
+    def _uses_cuda(trainer: Any) -> bool:
+        root = getattr(trainer.strategy, "root_device", None)
+        return root is not None and getattr(root, "type", "") == "cuda"
+
+    # -- boundaries (training thread: microseconds) ------------------------------------------
+
+    def _mark(self, label: StepLabel | None) -> None:
+        t0 = time.perf_counter()
+        self._label = label
+        if self._cuda_marks is not None:
+            self._cuda_marks.mark(label)
+        else:
+            self._meter.mark(label, t0)
+        self._mark_cost_s += time.perf_counter() - t0
+        self._marks += 1
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.sync_cuda and self._is_log_step(trainer.global_step + 1):
+            self._synchronize(trainer)
+        label = StepLabel("train", None, self.batch_size_fn(batch))
+        self._open_train_labels.append(label)
+        self._step_before = trainer.global_step
+        self._mark(label)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = trainer.global_step != getattr(self, "_step_before", None)
+        if stepped:  # an optimizer step completed: it owns every batch since the last one (accumulation)
+            for label in self._open_train_labels:
+                label.step = trainer.global_step
+            self._open_train_labels.clear()
+        if stepped and self._is_log_step(trainer.global_step):
+            if self.sync_cuda:
+                self._synchronize(trainer)
+            self._log_boundary(trainer)
+        if self.progress_bar and self._last_progress:
+            pl_module.log("W", self._last_progress["power_w"], prog_bar=True, logger=False)
+            pl_module.log("kWh", self._last_progress["total_kwh"], prog_bar=True, logger=False)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._mark(StepLabel("val", trainer.global_step))
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self._label is not None and self._label.stage == "val":
+            self._label.samples += self.batch_size_fn(batch)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.target is not None:
+            value = trainer.callback_metrics.get(self.target["metric"])
+            if value is not None and self._rank == 0 and self._ledger is not None:
+                self._drain(trainer, collective=False)
+                self._ledger.observe_metric(float(value), self.target["value"], self.target["mode"])
+        fn = getattr(trainer.state, "fn", None)
+        if getattr(fn, "value", fn) == "validate":
+            self._finish_stage(trainer, "validate")
+        else:
+            self._mark(StepLabel("other"))
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._mark(StepLabel("test", batch_idx, self.batch_size_fn(batch)))
+
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._mark(StepLabel("predict", batch_idx, self.batch_size_fn(batch)))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish_stage(trainer, "fit")
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish_stage(trainer, "test")
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish_stage(trainer, "predict")
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._shutdown(trainer, collective=False)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._shutdown(trainer, collective=False)
+        if self._sink is not None:
+            self._sink.flush()
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _is_log_step(self, step: int) -> bool:
+        return step > 0 and step % self._log_every == 0
+
+    def _log_boundary(self, trainer: Any) -> None:
+        self._drain(trainer, collective=True)
+
+    def _drain(self, trainer: Any, collective: bool, final: bool = False) -> None:
+        """Move resolved segments into the ledger; rank 0 logs the due points."""
+        if self._meter is None or self._aggregator is None or self._ledger is None:
+            return
+        try:
+            segments = self._meter.close() if final else self._meter.drain()
+        except WattlogError as exc:
+            self._degrade(str(exc), exc)
+            segments = []
+        self._warned.update(self._meter.degraded)
+        for seg in segments:
+            for name, joules in seg.energy_j.items():
+                self._drained_j[name] = self._drained_j.get(name, 0.0) + joules
+        self._unsent += self._aggregator.add(segments)
+        if final:
+            self._unsent += self._aggregator.finish()
+        if self._world_size > 1 and not collective and self._rank != 0:
+            return  # non-zero ranks contribute through the next collective
+        records, self._unsent = self._unsent, []
+        if collective and self._world_size > 1:
+            gathered = self._gather([r.to_dict() for r in records])
+            records = [StepRecord.from_dict(d) for rank_records in gathered for d in rank_records]
+        if self._rank != 0:
+            return
+        points = self._ledger.add(records)
+        if final:
+            points += self._ledger.flush_pending()
+        self._emit(trainer, points)
+
+    def _emit(self, trainer: Any, points: list[tuple[int, dict[str, float]]]) -> None:
+        from wattlog.sinks.mlflow import Point
+
+        due = [(step, m) for step, m in points if self._is_log_step(step)]
+        if not due or self._sink is None:
+            return
+        now_ms = int(time.time() * 1000)
+        self._sink.log_points([Point(k, float(v), step, now_ms) for step, m in due for k, v in m.items()])
+        self._last_progress = {"power_w": due[-1][1]["energy/power_w"], "total_kwh": due[-1][1]["energy/total_kwh"]}
+        for logger in getattr(trainer, "loggers", []) or []:
+            if type(logger).__name__ != "MLFlowLogger":
+                for step, metrics in due:
+                    try:
+                        logger.log_metrics(metrics, step=step)
+                    except Exception as exc:  # noqa: BLE001 - another logger must not stop training
+                        self._degrade(f"{type(logger).__name__}.log_metrics failed: {exc}", exc)
+
+    def _finish_stage(self, trainer: Any, stage: str) -> None:
+        self._finish(trainer, collective=True)
+
+    def _shutdown(self, trainer: Any, collective: bool) -> None:
+        """Close the meter without collectives (teardown or exception): nothing measured is lost."""
+        self._finish(trainer, collective=collective)
+
+    def _finish(self, trainer: Any, collective: bool) -> None:
+        if self._meter is None:
+            return
+        if self._cuda_marks is not None:  # its queued boundaries must reach the meter first
+            self._cuda_marks.stop()
+            self._cuda_marks = None
+        self._drain(trainer, collective=collective, final=True)
+        self._meter = None
+        if self._rank == 0:
+            self._log_run_data(trainer)
+
+    def _log_run_data(self, trainer: Any) -> None:
+        assert self._ledger is not None and self._sink is not None
+        summary = self._ledger.summary("all")
+        if self._idle_power_w is not None:
+            summary["energy/idle_power_w"] = self._idle_power_w
+            dynamic_j = self._ledger.state.total_j - self._idle_power_w * self._ledger.state.duration_s
+            summary["energy/dynamic_kwh"] = max(0.0, dynamic_j) / 3.6e6
+        self._sink.log_summary_metrics(summary, step=int(trainer.global_step))
+        if not self._params_logged:
+            self._sink.log_params(self._params())
+            self._params_logged = True
+        tags = {"energy.estimated": self._estimated_kinds() or "none"}
+        degraded = [r for r in self._degraded_reasons()]
+        if degraded:
+            tags["energy.degraded"] = "; ".join(degraded)[:4000]
+        self._sink.set_tags(tags)
+        if self.artifacts:
+            self._log_artifacts()
+
+    def _params(self) -> dict[str, object]:
+        by_kind = {c.kind: c for c in self._choices}
+        gpu = by_kind.get("gpu")
+        prov = gpu.source.provenance() if gpu is not None and gpu.source is not None else {}
+        gpu_count = sum(1 for k in self._ledger.domain_kinds.values() if k == "gpu") if self._ledger else 0
+        return {
+            "energy.gpu_model": prov.get("gpu_model", "none"),
+            "energy.gpu_count": gpu_count,
+            "energy.gpu_method": gpu.method if gpu else "none",
+            "energy.cpu_method": by_kind["cpu"].method if "cpu" in by_kind else "none",
+            "energy.ram_method": by_kind["ram"].method if "ram" in by_kind else "none",
+            "energy.carbon_intensity_g_per_kwh": self._intensity.g_per_kwh,
+            "energy.carbon_source": self._intensity.source,
+            "energy.pue": self.pue,
+        }
+
+    def _estimated_kinds(self) -> str:
+        return ",".join(c.kind for c in self._choices if c.estimated)
+
+    def _degraded_reasons(self) -> list[str]:
+        return sorted(self._warned)
+
+    def _log_artifacts(self) -> None:
+        assert self._ledger is not None and self._sink is not None
+        rows = self._ledger.trace_rows()
+        if not rows:
+            return
+        with tempfile.TemporaryDirectory(prefix="wattlog-") as tmp:
+            trace_path = os.path.join(tmp, "trace.csv")
+            fields = list(dict.fromkeys(k for r in rows for k in r))
+            with open(trace_path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            self._sink.log_artifact(trace_path, "energy")
+            try:
+                from wattlog.plots import plot_power_trace
+
+                png = plot_power_trace(rows, os.path.join(tmp, "power.png"))
+                self._sink.log_artifact(str(png), "energy")
+            except ImportError as exc:
+                self._degrade(f"power.png skipped: {exc}", exc)
+
+    # -- distributed -------------------------------------------------------------------------
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """All ranks' objects, in rank order (one collective; every rank must call it)."""
+        if self._world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _sum_gathered(self, value: float) -> float:
+        return float(sum(self._gather(value)))
+
+    def _synchronize(self, trainer: Any) -> None:
+        if self._uses_cuda(trainer):
+            import torch
+
+            torch.cuda.synchronize()
+
+    # -- failure policy, resume --------------------------------------------------------------
+
+    def _degrade(self, reason: str, exc: BaseException | None = None) -> None:
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        degrade(reason, exc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running totals, so a resumed run continues them.
+
+        Includes the energy measured up to the latest sample that has not yet been attributed
+        to a step (attribution lags the sampler by a few steps), so a checkpoint taken mid-fit
+        is complete for this process. Under DDP, other ranks' energy since the last logging
+        boundary is not included.
+        """
+        if self._ledger is None:
+            return dict(self._loaded_state or {})
+        state = self._ledger.state_dict()
+        if self._meter is not None:
+            prefix = f"r{self._rank}." if self._world_size > 1 else ""
+            kind_j = dict(state["kind_j"])  # type: ignore[arg-type]
+            unattributed_j = 0.0
+            for name, joules in self._meter.energy_j().items():
+                extra_j = max(0.0, joules - self._drained_j.get(name, 0.0))
+                kind = self._ledger.domain_kinds.get(prefix + name, "other")
+                kind_j[kind] = kind_j.get(kind, 0.0) + extra_j
+                unattributed_j += extra_j
+            state["kind_j"] = kind_j
+            state["total_j"] = float(state["total_j"]) + unattributed_j  # type: ignore[arg-type]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = dict(state_dict)
+        if self._ledger is not None:
+            self._ledger.load_state_dict(self._loaded_state)
+
+    @property
+    def mark_cost_us(self) -> float:
+        """Mean training-thread cost of recording a boundary, in microseconds."""
+        return 1e6 * self._mark_cost_s / self._marks if self._marks else 0.0
+
+
+def _make_class() -> type:
+    bases = _callback_bases()
+    namespace = {k: v for k, v in _EnergyMonitorImpl.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    namespace["__module__"] = __name__
+    namespace["__qualname__"] = "EnergyMonitor"
+    return type("EnergyMonitor", bases, namespace)
+
+
+EnergyMonitor = _make_class()

@@ -1,0 +1,832 @@
+"""Buffered, batched, failure-tolerant writer of metric points into one MLflow run.
+
+The training thread calls :meth:`MlflowSink.log_points`, which only validates cheaply and appends to
+an in-memory queue. A background writer thread appends every point to a local spool file
+(see :mod:`wattlog.sinks.spool`), sends points with ``MlflowClient.log_batch`` (at most 1000 metrics
+per call) when ``batch_size`` points are waiting or every ``flush_interval_s``, and records what
+MLflow acknowledged in an ack file next to the spool.
+
+Failure policy (DESIGN.md): when MLflow is unreachable the writer retries with exponential backoff
+(0.5 s doubling up to ``max_backoff_s``) without blocking training or dropping points, and warns
+once per outage; ``wattlog sync`` replays whatever is left. Under ``WATTLOG_STRICT=1`` the error is
+raised from the next :meth:`MlflowSink.flush` / :meth:`MlflowSink.close` on the caller's thread.
+A batch that failed (its outcome is unknown) is de-duplicated against the run's metric history
+before it is sent again, so every point lands exactly once.
+
+Non-finite values (NaN, +-inf) are not logged: MLflow's stores disagree on them and they cannot be
+de-duplicated. They are skipped with one warning (strict mode: :class:`SinkError` from ``log_points``).
+
+MLflow's own HTTP client also retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, minutes of
+backoff) inside each writer call; the spool is written before any send, so that only delays the
+first "unreachable" warning. ``wattlog sync`` lowers it to 1 retry unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import math
+import os
+import posixpath
+import re
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wattlog.errors import ConfigError, SinkError, WattlogWarning, strict_mode
+from wattlog.sinks import spool as _spool
+from wattlog.sinks.spool import Point, default_spool_dir, redact_text, redact_uri
+
+__all__ = [
+    "MlflowSink",
+    "Point",
+    "SyncResult",
+    "default_spool_dir",
+    "redact_uri",
+    "register_cli",
+    "sync",
+]
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+_MAX_PARAMS_PER_BATCH = 100
+_FIRST_BACKOFF_S = 0.5
+_KEY_RE = re.compile(r"^[/\w.\- :]+$")
+_MAX_KEY_LEN = 250
+
+ClientFactory = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What :func:`sync` did: points sent, points already in MLflow, spool files read, points rejected."""
+
+    sent: int
+    skipped: int
+    files: int
+    rejected: int = 0
+
+
+def _default_client_factory(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _resolve_uri(tracking_uri: str | None) -> str:
+    if tracking_uri:
+        return tracking_uri
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """A 4xx-style rejection of the request's content (not of the connection or the server)."""
+    return getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 300:
+        first = first[:300] + "..."
+    return redact_text(f"{type(exc).__name__}: {first}")
+
+
+def check_key(key: object) -> None:
+    """Cheap check of a metric key against MLflow's naming rules.
+
+    Raises:
+        ConfigError: the key is not a string MLflow accepts as a metric name.
+    """
+    allowed = "non-empty str of <= 250 alphanumerics, '_', '-', '.', ' ', ':' or '/', not a '..' path"
+    if (
+        not isinstance(key, str)
+        or len(key) > _MAX_KEY_LEN
+        or not _KEY_RE.match(key)
+        or posixpath.normpath(key) != key
+        or key.startswith(("/", ".."))
+    ):
+        raise ConfigError("key", key, allowed)
+
+
+class _Deliverer:
+    """Sends points to one run: de-duplicates against history on request, bisects permanent rejections."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._history: dict[str, set[tuple[int, int, float]]] = {}
+
+    def invalidate(self) -> None:
+        """Forget cached metric history (after a send whose outcome is unknown)."""
+        self._history.clear()
+
+    def _known(self, key: str) -> set[tuple[int, int, float]]:
+        known = self._history.get(key)
+        if known is None:
+            history = self.client.get_metric_history(self.run_id, key)
+            known = {(int(m.step), int(m.timestamp), float(m.value)) for m in history}
+            self._history[key] = known
+        return known
+
+    def send(
+        self, entries: Sequence[tuple[int, Point]], dedupe: bool
+    ) -> tuple[int, int, list[tuple[int, Point, str]]]:
+        """Send ``entries`` (seq, point). Returns (sent, skipped as already present, rejected).
+
+        Raises:
+            Exception: any transient failure (nothing about the outcome can be assumed).
+        """
+        skipped = 0
+        todo: list[tuple[int, Point]]
+        if dedupe:
+            todo = []
+            for seq, p in entries:
+                if (p.step, p.timestamp_ms, p.value) in self._known(p.key):
+                    skipped += 1
+                else:
+                    todo.append((seq, p))
+        else:
+            todo = list(entries)
+        rejected: list[tuple[int, Point, str]] = []
+        state = {"run_checked": False}
+        for i in range(0, len(todo), MAX_METRICS_PER_BATCH):
+            self._send_chunk(todo[i : i + MAX_METRICS_PER_BATCH], rejected, state)
+        return len(todo) - len(rejected), skipped, rejected
+
+    def _send_chunk(
+        self, chunk: list[tuple[int, Point]], rejected: list[tuple[int, Point, str]], state: dict[str, bool]
+    ) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(p.key, p.value, p.timestamp_ms, p.step) for _, p in chunk]
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        except Exception as exc:
+            if not _is_permanent(exc):
+                raise
+            if not state["run_checked"]:
+                self._check_run_active()
+                state["run_checked"] = True
+            if len(chunk) == 1:
+                rejected.append((chunk[0][0], chunk[0][1], _describe(exc)))
+                return
+            mid = len(chunk) // 2
+            self._send_chunk(chunk[:mid], rejected, state)
+            self._send_chunk(chunk[mid:], rejected, state)
+
+    def _check_run_active(self) -> None:
+        stage = self.client.get_run(self.run_id).info.lifecycle_stage
+        if stage != "active":
+            raise SinkError(f"MLflow run {self.run_id} is {stage}; points are kept until it is restored")
+
+
+class MlflowSink:
+    """Buffered writer of :class:`Point` s into one MLflow run, with a local spool.
+
+    Args:
+        run_id: the MLflow run to log into.
+        tracking_uri: MLflow tracking URI; None means MLflow's default, resolved at :meth:`start`.
+        spool_dir: where the spool lives; default :func:`default_spool_dir`.
+        batch_size: send when this many points are waiting (sent in calls of at most 1000).
+        flush_interval_s: send whatever is waiting at least this often.
+        max_backoff_s: longest wait between retries (0.5 s doubling up to this).
+        max_buffer_points: unsent points kept in memory; older ones are re-read from the spool.
+        _client_factory: private, for tests: ``tracking_uri -> MlflowClient``-like object.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        tracking_uri: str | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        batch_size: int = 1000,
+        flush_interval_s: float = 2.0,
+        max_backoff_s: float = 30.0,
+        max_buffer_points: int = 100_000,
+        *,
+        _client_factory: ClientFactory | None = None,
+    ) -> None:
+        if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
+            raise ConfigError("run_id", run_id, "a non-empty MLflow run id")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("batch_size", batch_size, "an int >= 1")
+        if not flush_interval_s > 0:
+            raise ConfigError("flush_interval_s", flush_interval_s, "a number > 0")
+        if not max_backoff_s > 0:
+            raise ConfigError("max_backoff_s", max_backoff_s, "a number > 0")
+        if not isinstance(max_buffer_points, int) or max_buffer_points < 1:
+            raise ConfigError("max_buffer_points", max_buffer_points, "an int >= 1")
+        self._run_id = run_id
+        self._tracking_uri = tracking_uri
+        self._uri = tracking_uri or ""
+        self._spool_path = _spool.spool_file(Path(spool_dir or default_spool_dir()).absolute(), run_id)
+        self._batch_size = batch_size
+        self._flush_interval_s = float(flush_interval_s)
+        self._max_backoff_s = float(max_backoff_s)
+        self._max_buffer = max_buffer_points
+        self._client_factory = _client_factory or _default_client_factory
+
+        # Caller side (guarded by _cond's lock).
+        self._queue: deque[Point] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._wake = threading.Event()
+        self._enqueued = 0
+        self._pending = 0
+        self._low_unacked = 0  # every seq below this is acknowledged
+        self._seq0 = 0
+        self._flush_gen = 0
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._error: SinkError | None = None
+        self._started = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._valid_keys: set[str] = set()
+        self._warned: set[str] = set()
+        self._caller_client: Any = None
+
+        # Writer side (only the writer thread touches these after start()).
+        self._next_seq = 1
+        self._unsent: deque[tuple[int, Point, int | None]] = deque()  # (seq, point, spool offset)
+        self._spool_f: Any = None
+        self._ack_f: Any = None
+        self._spool_size = 0
+        self._spill_offset: int | None = None  # spool offset to re-read unsent points from
+        self._spill_end = 0  # last seq that lives only in the spool
+        self._spill_low = 0  # lower bound of the first unsent spilled seq
+        self._spill_skip = _spool.AckSet()
+        self._dedupe_through = 0
+        self._deliverer: _Deliverer | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._next_send_at = 0.0
+        self._served_gen = 0
+
+    # ------------------------------------------------------------------ caller-side API
+
+    @property
+    def spool_path(self) -> Path:
+        """``<spool_dir>/<run_id>.jsonl``."""
+        return self._spool_path
+
+    @property
+    def pending_points(self) -> int:
+        """Points logged (or left by an earlier session) that MLflow has not acknowledged yet."""
+        return self._pending
+
+    def start(self) -> None:
+        """Resolve the tracking URI, open the spool, start the writer thread, register an atexit close.
+
+        Raises:
+            SinkError: (strict mode only) the spool cannot be written.
+        """
+        if self._started:
+            return
+        if self._closed:
+            raise SinkError("MlflowSink.start() after close()")
+        self._uri = _resolve_uri(self._tracking_uri)
+        self._open_spool()
+        self._seq0 = self._next_seq
+        with self._cond:
+            self._low_unacked = self._compute_low()
+        self._next_send_at = time.monotonic() + self._flush_interval_s
+        self._thread = threading.Thread(target=self._run, name="wattlog-mlflow-writer", daemon=True)
+        self._started = True
+        self._thread.start()
+        atexit.register(self._atexit_close)
+
+    def log_points(self, points: Iterable[Point]) -> None:
+        """Enqueue points for the writer thread (training thread; no I/O).
+
+        Raises:
+            ConfigError: a key MLflow would reject.
+            SinkError: (strict mode only) a non-finite value, or the sink is closed.
+        """
+        ok: list[Point] = []
+        for p in points:
+            if p.key not in self._valid_keys:
+                check_key(p.key)
+                self._valid_keys.add(p.key)
+            v = p.value
+            if type(v) is not float or type(p.step) is not int or type(p.timestamp_ms) is not int:
+                v = float(v)
+                p = Point(p.key, v, int(p.step), int(p.timestamp_ms))
+            if not math.isfinite(v):
+                self._policy("nonfinite", f"skipped non-finite value {v} of {p.key!r} at step {p.step}; "
+                             "further non-finite values are skipped silently")
+                continue
+            ok.append(p)
+        if self._closed:
+            self._policy("closed", f"{len(ok)} points logged after close() were dropped")
+            return
+        if not ok:
+            return
+        with self._cond:
+            self._queue.extend(ok)
+            self._enqueued += len(ok)
+            self._pending += len(ok)
+        self._wake.set()
+
+    def log_summary_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Enqueue run-level summary metrics (e.g. ``energy/gpu_kwh``) at ``step``, like points."""
+        ts_ms = int(time.time() * 1000)
+        self.log_points(Point(k, float(v), int(step), ts_ms) for k, v in metrics.items())
+
+    def flush(self, timeout_s: float | None = 30.0) -> bool:
+        """Wait until every point logged so far is acknowledged by MLflow.
+
+        Returns:
+            True if everything was delivered within ``timeout_s`` (None: wait indefinitely).
+
+        Raises:
+            SinkError: (strict mode only) a delivery failed since the last flush.
+        """
+        if not self._started:
+            return self._pending == 0
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            target = self._seq0 + self._enqueued
+            self._flush_gen += 1
+        self._wake.set()
+        with self._cond:
+            while True:
+                if self._error is not None and strict_mode():
+                    err, self._error = self._error, None
+                    raise err
+                if self._low_unacked >= target:
+                    return True
+                if self._thread is None or not self._thread.is_alive():
+                    return False
+                remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Deliver what is pending (up to ``timeout_s``), stop the writer, close files. Idempotent.
+
+        Undelivered points stay in the spool for a later run or ``wattlog sync`` (one warning).
+
+        Raises:
+            SinkError: (strict mode only) a delivery failed, or points are left undelivered.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit_close)
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._stop_deadline = time.monotonic() + max(0.0, timeout_s)
+                self._flush_gen += 1
+            self._wake.set()
+            self._thread.join(max(0.0, timeout_s) + 2.0)
+        with self._cond:
+            err, self._error = self._error, None
+        if err is not None and strict_mode():
+            raise err
+        if self._pending:
+            where = (
+                f"spooled at {self._spool_path}; run `wattlog sync --spool {self._spool_path}`"
+                if self._spool_f is not None
+                else "and the spool is unavailable, so they are lost"
+            )
+            if not self._started:
+                where = "because the sink was never started"
+            self._policy("close", f"{self._pending} points were not delivered to MLflow {where}")
+
+    def log_params(self, params: dict[str, object]) -> None:
+        """Log run params synchronously (values as str). Failure: warn once, or raise in strict mode."""
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)) for k, v in params.items()]
+        self._sync_call(
+            "params",
+            lambda c: [
+                c.log_batch(self._run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH], synchronous=True)
+                for i in range(0, len(items), _MAX_PARAMS_PER_BATCH)
+            ],
+        )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags synchronously. Failure: warn once, or raise in strict mode."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)) for k, v in tags.items()]
+        self._sync_call(
+            "tags",
+            lambda c: [
+                c.log_batch(self._run_id, tags=items[i : i + _MAX_PARAMS_PER_BATCH], synchronous=True)
+                for i in range(0, len(items), _MAX_PARAMS_PER_BATCH)
+            ],
+        )
+
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Upload one file as a run artifact. Failure: warn once, or raise in strict mode."""
+        self._sync_call("artifact", lambda c: c.log_artifact(self._run_id, os.fspath(local_path), artifact_path))
+
+    # ------------------------------------------------------------------ helpers (caller side)
+
+    def _sync_call(self, what: str, fn: Callable[[Any], object]) -> None:
+        try:
+            if self._caller_client is None:
+                self._caller_client = self._client_factory(self._uri or _resolve_uri(self._tracking_uri))
+            fn(self._caller_client)
+        except Exception as exc:
+            self._policy(
+                f"sync-{what}",
+                f"could not log {what} to MLflow run {self._run_id} at {redact_uri(self._uri)}: {_describe(exc)}",
+            )
+
+    def _policy(self, kind: str, message: str) -> None:
+        """Failure policy on the caller's thread: raise SinkError in strict mode, else warn once per kind."""
+        message = redact_text(message)
+        if strict_mode():
+            raise SinkError(message) from None
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"wattlog: {message}", WattlogWarning, stacklevel=3)
+
+    def _report(self, kind: str, message: str, once: bool = True) -> None:
+        """Failure policy on the writer thread: remember the error for flush/close; warn unless strict."""
+        message = redact_text(message)
+        with self._cond:
+            if self._error is None:
+                self._error = SinkError(message)
+            self._cond.notify_all()
+        if strict_mode() or (once and kind in self._warned):
+            return
+        self._warned.add(kind)
+        warnings.warn(f"wattlog: {message}", WattlogWarning, stacklevel=2)
+
+    def _atexit_close(self) -> None:
+        try:
+            self.close(timeout_s=min(10.0, 2 * self._flush_interval_s + 1.0))
+        except SinkError as exc:  # at exit, raising helps no one: apply the non-strict policy
+            warnings.warn(f"wattlog: {exc}", WattlogWarning, stacklevel=1)
+
+    # ------------------------------------------------------------------ spool (writer side)
+
+    def _open_spool(self) -> None:
+        path = self._spool_path
+        f = ack_f = None
+        try:
+            _spool.ensure_dir(path.parent)
+            f, size = _spool.open_append(path)
+            if size == 0:
+                header = _spool.header_line(self._run_id, self._uri)
+                f.write(header)
+                size = len(header)
+            else:
+                self._resume_from(path)
+                if not _spool.ends_with_newline(path):
+                    f.write(b"\n")  # terminate a line cut by a crash
+                    size += 1
+            f.flush()
+            ack_f, _ = _spool.open_append(_spool.ack_file(path))
+        except (OSError, ValueError) as exc:
+            if f is not None:
+                f.close()
+            self._spill_offset, self._pending = None, len(self._queue)
+            self._policy(
+                "spool",
+                f"cannot write the spool at {path} ({_describe(exc)}); points go to MLflow directly and "
+                "stay in memory until acknowledged",
+            )
+            return
+        self._spool_f, self._ack_f, self._spool_size = f, ack_f, size
+
+    def _resume_from(self, path: Path) -> None:
+        """Continue an existing spool of this run: resend what it holds that was never acknowledged."""
+        header, body_offset = _spool.read_header(path)
+        if header.get("run_id") != self._run_id:
+            raise ValueError(f"{path} belongs to run {header.get('run_id')!r}, not {self._run_id!r}")
+        acks = _spool.read_acks(_spool.ack_file(path))
+        max_seq, first, n_unacked = 0, None, 0
+        for seq, _p, start, _end in _spool.iter_points_from(path, body_offset):
+            max_seq = max(max_seq, seq)
+            if seq not in acks:
+                n_unacked += 1
+                if first is None:
+                    first = (seq, start)
+        self._next_seq = max_seq + 1
+        if first is not None:
+            self._spill_low, self._spill_offset = first
+            self._spill_end = max_seq
+            self._spill_skip = acks
+            self._dedupe_through = max_seq
+            self._pending += n_unacked
+
+    def _drain(self) -> None:
+        """Move queued points into the unsent buffer, appending them to the spool first."""
+        q = self._queue
+        if not q:
+            return
+        batch: list[Point] = []
+        while q:
+            try:
+                batch.append(q.popleft())
+            except IndexError:  # pragma: no cover - single consumer
+                break
+        entries: list[tuple[int, Point, int | None]] = []
+        lines: list[bytes] = []
+        offset = self._spool_size
+        for p in batch:
+            seq = self._next_seq
+            self._next_seq += 1
+            line = _spool.point_line(seq, p)
+            entries.append((seq, p, offset if self._spool_f is not None else None))
+            offset += len(line)
+            lines.append(line)
+        if self._spool_f is not None:
+            try:
+                self._spool_f.write(b"".join(lines))
+                self._spool_f.flush()
+                self._spool_size = offset
+            except OSError as exc:
+                self._disable_spool(exc)
+                entries = [(s, p, None) for s, p, _ in entries]
+        self._unsent.extend(entries)
+        while len(self._unsent) > self._max_buffer and self._unsent[0][2] is not None:
+            seq, _p, off = self._unsent.popleft()
+            if self._spill_offset is None:
+                self._spill_offset, self._spill_low = off, seq
+            self._spill_end = seq
+        self._publish()
+
+    def _disable_spool(self, exc: BaseException) -> None:
+        self._report(
+            "spool",
+            f"cannot write the spool at {self._spool_path} ({_describe(exc)}); points go to MLflow directly "
+            "and stay in memory until acknowledged",
+        )
+        for f in (self._spool_f, self._ack_f):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self._spool_f = self._ack_f = None
+
+    def _write_acks(self, seqs: Iterable[int]) -> None:
+        if self._ack_f is None:
+            return
+        try:
+            self._ack_f.write(_spool.ack_lines(seqs))
+            self._ack_f.flush()
+        except OSError as exc:
+            self._disable_spool(exc)
+
+    # ------------------------------------------------------------------ sending (writer side)
+
+    def _compute_low(self) -> int:
+        if self._spill_offset is not None:
+            return self._spill_low
+        if self._unsent:
+            return self._unsent[0][0]
+        return self._next_seq
+
+    def _publish(self) -> None:
+        with self._cond:
+            self._low_unacked = self._compute_low()
+            self._cond.notify_all()
+
+    def _has_work(self) -> bool:
+        return bool(self._unsent) or self._spill_offset is not None
+
+    def _next_batch(self, force: bool) -> tuple[list[tuple[int, Point]], str, int, bool] | None:
+        """The next batch to send: (entries, source, spool offset after it, spill exhausted)."""
+        limit = min(self._batch_size, MAX_METRICS_PER_BATCH)
+        if self._spill_offset is not None:
+            out: list[tuple[int, Point]] = []
+            next_off, exhausted = self._spill_offset, True
+            try:
+                for seq, p, _start, end in _spool.iter_points_from(self._spool_path, self._spill_offset):
+                    if seq > self._spill_end:
+                        break
+                    next_off = end
+                    if seq >= self._spill_low and seq not in self._spill_skip:
+                        out.append((seq, p))
+                    if seq == self._spill_end:
+                        break
+                    if len(out) >= limit:
+                        exhausted = False
+                        break
+            except OSError as exc:
+                self._spill_offset = None
+                with self._cond:
+                    lost = self._pending - len(self._unsent) - len(self._queue)
+                    self._pending -= lost
+                self._report("spool-read", f"cannot read back {lost} unsent points from the spool at "
+                             f"{self._spool_path} ({_describe(exc)}); they are lost", once=False)
+                self._publish()
+                return self._next_batch(force)
+            return out, "spool", next_off, exhausted
+        if not self._unsent or (not force and len(self._unsent) < self._batch_size):
+            return None
+        n = min(limit, len(self._unsent))
+        return [(self._unsent[i][0], self._unsent[i][1]) for i in range(n)], "memory", 0, False
+
+    def _send_ready(self, force: bool) -> bool:
+        """Send batches while there is something to send. Returns False after a failed attempt."""
+        while True:
+            self._drain()
+            nxt = self._next_batch(force)
+            if nxt is None:
+                return True
+            entries, source, next_off, exhausted = nxt
+            if entries:
+                try:
+                    if self._deliverer is None:
+                        self._deliverer = _Deliverer(self._client_factory(self._uri), self._run_id)
+                    dedupe = entries[0][0] <= self._dedupe_through
+                    _sent, _skipped, rejected = self._deliverer.send(entries, dedupe)
+                except Exception as exc:
+                    self._on_failure(exc, entries)
+                    return False
+                self._write_acks(seq for seq, _ in entries)
+                for seq, p, why in rejected:
+                    self._report("rejected", f"MLflow rejected {p.key}={p.value} at step {p.step} "
+                                 f"(seq {seq}): {why}; the point was dropped")
+            if source == "spool":
+                if exhausted:
+                    self._spill_offset = None
+                else:
+                    self._spill_offset = next_off
+                    self._spill_low = entries[-1][0] + 1 if entries else self._spill_low
+            else:
+                for _ in entries:
+                    self._unsent.popleft()
+            self._failures = 0
+            with self._cond:
+                self._pending -= len(entries)
+            self._publish()
+
+    def _on_failure(self, exc: BaseException, entries: list[tuple[int, Point]]) -> None:
+        self._failures += 1
+        delay = min(self._max_backoff_s, _FIRST_BACKOFF_S * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        self._dedupe_through = max(self._dedupe_through, entries[-1][0])
+        if self._deliverer is not None:
+            self._deliverer.invalidate()
+        if self._spool_f is not None:
+            where = f"spooled at {self._spool_path}; they will be retried, or run `wattlog sync`"
+        else:
+            where = "kept in memory (no spool); they will be retried"
+        self._report(
+            "unreachable",
+            f"MLflow unreachable, {self._pending} points {where} "
+            f"(tracking URI {redact_uri(self._uri)}: {_describe(exc)})",
+        )
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the writer: never die silently
+            self._report("writer", f"the MLflow writer thread stopped: {_describe(exc)}", once=False)
+        finally:
+            for f in (self._spool_f, self._ack_f):
+                try:
+                    if f is not None:
+                        f.close()
+                except OSError:
+                    pass
+            with self._cond:
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        timeout: float | None = self._flush_interval_s
+        while True:
+            self._wake.wait(timeout)
+            self._wake.clear()
+            self._drain()
+            now = time.monotonic()
+            with self._cond:
+                stopping, deadline, gen = self._stopping, self._stop_deadline, self._flush_gen
+            flush_req = gen != self._served_gen
+            self._served_gen = gen
+            interval_due = now >= self._next_send_at
+            if interval_due:
+                self._next_send_at = now + self._flush_interval_s
+            if self._has_work() and (now >= self._retry_at or flush_req):
+                force = flush_req or stopping or interval_due or self._failures > 0
+                if force or len(self._unsent) >= self._batch_size:
+                    self._send_ready(force)
+            now = time.monotonic()
+            if stopping and (now >= deadline or (not self._has_work() and not self._queue)):
+                return
+            wake_at = self._next_send_at
+            if self._failures and self._has_work():
+                wake_at = self._retry_at
+            if stopping:
+                wake_at = min(wake_at, deadline)
+            timeout = max(0.0, wake_at - now)
+
+
+# ---------------------------------------------------------------------- sync
+
+
+def sync(
+    spool: str | os.PathLike[str] | None = None,
+    tracking_uri: str | None = None,
+    *,
+    _client_factory: ClientFactory | None = None,
+) -> SyncResult:
+    """Replay spooled points that MLflow never acknowledged; idempotent.
+
+    Points already in the run's history (same key, step, timestamp and value) are skipped, so a lost
+    ack never causes duplicates; what was handled is then recorded in the ack file.
+
+    Args:
+        spool: a spool file, or a directory of ``*.jsonl`` spool files; default :func:`default_spool_dir`.
+        tracking_uri: where to send; default the URI in each spool header, else MLflow's default.
+
+    Raises:
+        FileNotFoundError: ``spool`` does not exist.
+        SinkError: a spool file is malformed, or MLflow cannot be reached or refuses the run.
+    """
+    factory = _client_factory or _default_client_factory
+    path = Path(spool) if spool is not None else default_spool_dir()
+    if not path.exists():
+        raise FileNotFoundError(f"no spool at {path}")
+    files = sorted(path.glob(f"*{_spool.SPOOL_SUFFIX}")) if path.is_dir() else [path]
+    sent = skipped = rejected_n = n_files = 0
+    for f in files:
+        try:
+            header, body_offset = _spool.read_header(f)
+        except ValueError as exc:
+            if not path.is_dir():
+                raise SinkError(str(exc)) from None
+            warnings.warn(f"wattlog: skipping {f}: {exc}", WattlogWarning, stacklevel=2)
+            continue
+        n_files += 1
+        run_id = str(header["run_id"])
+        acks = _spool.read_acks(_spool.ack_file(f))
+        todo = [(seq, p) for seq, p, _s, _e in _spool.iter_points_from(f, body_offset) if seq not in acks]
+        if not todo:
+            continue
+        header_uri = header.get("tracking_uri")
+        uri = tracking_uri or (str(header_uri) if header_uri else None) or _resolve_uri(None)
+        try:
+            deliverer = _Deliverer(factory(uri), run_id)
+            ack_f, _ = _spool.open_append(_spool.ack_file(f))
+        except Exception as exc:
+            raise SinkError(f"cannot sync {f} to MLflow at {redact_uri(uri)}: {_describe(exc)}") from None
+        with ack_f:
+            for i in range(0, len(todo), MAX_METRICS_PER_BATCH):
+                chunk = todo[i : i + MAX_METRICS_PER_BATCH]
+                try:
+                    s, k, rejected = deliverer.send(chunk, dedupe=True)
+                except Exception as exc:
+                    raise SinkError(
+                        f"cannot sync {f} to MLflow run {run_id} at {redact_uri(uri)}: {_describe(exc)}"
+                    ) from None
+                ack_f.write(_spool.ack_lines(seq for seq, _ in chunk))
+                ack_f.flush()
+                sent, skipped, rejected_n = sent + s, skipped + k, rejected_n + len(rejected)
+                for seq, p, why in rejected[:1]:
+                    warnings.warn(
+                        redact_text(f"wattlog: MLflow rejected {p.key}={p.value} at step {p.step} (seq {seq}) "
+                                    f"from {f}: {why}; dropped"),
+                        WattlogWarning,
+                        stacklevel=2,
+                    )
+    return SyncResult(sent=sent, skipped=skipped, files=n_files, rejected=rejected_n)
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``wattlog sync [--spool PATH] [--tracking-uri URI]`` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "sync",
+        help="send spooled points that never reached MLflow",
+        description="Replay points from wattlog spool files into MLflow; points already there are skipped.",
+    )
+    p.add_argument("--spool", default=None, help="spool file or directory (default: $WATTLOG_SPOOL_DIR "
+                   "or ./.wattlog/spool)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one in each spool)")
+    p.set_defaults(func=_cli_sync)
+
+
+def _cli_sync(args: argparse.Namespace) -> int:
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    if saved is None:  # fail fast on an unreachable server instead of minutes of MLflow retries
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    try:
+        result = sync(args.spool, args.tracking_uri)
+    except (FileNotFoundError, SinkError) as exc:
+        print(f"wattlog sync: error: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    extra = f"; {result.rejected} rejected by MLflow" if result.rejected else ""
+    print(f"sent {result.sent} points ({result.skipped} already present) from {result.files} spool files{extra}")
+    return 0

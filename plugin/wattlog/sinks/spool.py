@@ -1,0 +1,262 @@
+"""The local spool of an MLflow sink: file format, permissions, acks and credential redaction.
+
+No third-party imports. One spool file per run, ``<spool_dir>/<run_id>.jsonl`` (mode 0600, in a
+directory created with mode 0700), JSON lines:
+
+- line 1, the header: ``{"wattlog_spool": 1, "run_id": ..., "tracking_uri": <redacted>, "created": ...}``;
+- then one line per point: ``{"seq": n, "k": key, "v": value, "s": step, "t": timestamp_ms}``.
+
+Next to it, ``<run_id>.jsonl.ack`` holds append-only lines ``first_seq last_seq``: inclusive ranges of
+points that MLflow acknowledged (or permanently rejected), so a restart or ``wattlog sync`` knows
+what is left to deliver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+SPOOL_VERSION = 1
+SPOOL_SUFFIX = ".jsonl"
+ACK_SUFFIX = ".ack"
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+_SECRET_QUERY_KEYS = ("token", "password", "passwd", "secret", "key", "sig", "signature", "credential")
+_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+_SECRET_ENV_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One metric value, as MLflow stores it."""
+
+    key: str
+    value: float
+    step: int
+    timestamp_ms: int
+
+
+def default_spool_dir() -> Path:
+    """``$WATTLOG_SPOOL_DIR`` if set, else ``./.wattlog/spool`` (relative to the working directory)."""
+    env = os.environ.get("WATTLOG_SPOOL_DIR", "").strip()
+    return Path(env) if env else Path(".wattlog") / "spool"
+
+
+def spool_file(spool_dir: str | os.PathLike[str], run_id: str) -> Path:
+    """Path of the spool file of ``run_id`` in ``spool_dir``."""
+    return Path(spool_dir) / f"{run_id}{SPOOL_SUFFIX}"
+
+
+def ack_file(spool_path: str | os.PathLike[str]) -> Path:
+    """Path of the ack file that belongs to ``spool_path``."""
+    return Path(f"{os.fspath(spool_path)}{ACK_SUFFIX}")
+
+
+def redact_uri(uri: str | None) -> str:
+    """Return ``uri`` without credentials: userinfo (``user:password@``) and secret-looking query values.
+
+    Args:
+        uri: a tracking URI, or None.
+
+    Returns:
+        The redacted URI (``""`` for None). Non-URL strings (plain paths) come back unchanged.
+    """
+    if not uri:
+        return ""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return redact_text(uri)
+    out = uri
+    if "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        out = out.replace(parts.netloc, host, 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(_is_secret_key(k) for k, _ in pairs):
+            query = urlencode([(k, "***" if _is_secret_key(k) else v) for k, v in pairs], safe="*")
+            out = out.replace(parts.query, query, 1)
+    return out
+
+
+def redact_text(text: str) -> str:
+    """Remove URI userinfo and the values of MLflow credential env vars from free text (error messages)."""
+    text = _USERINFO_RE.sub(r"\g<scheme>", text)
+    for name in _SECRET_ENV_VARS:
+        secret = os.environ.get(name, "")
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _is_secret_key(key: str) -> bool:
+    low = key.lower()
+    return any(s in low for s in _SECRET_QUERY_KEYS)
+
+
+def ensure_dir(path: Path) -> None:
+    """Create ``path`` (and parents); the leaf is created with mode 0700 when it does not exist yet."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=_DIR_MODE, exist_ok=True)
+
+
+def open_append(path: Path) -> tuple[object, int]:
+    """Open ``path`` for binary append, creating it with mode 0600. Returns (file, current size in bytes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+    try:
+        size = os.fstat(fd).st_size
+        return os.fdopen(fd, "ab"), size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def header_line(run_id: str, tracking_uri: str | None) -> bytes:
+    """The first line of a spool file; the URI is stored redacted."""
+    header = {
+        "wattlog_spool": SPOOL_VERSION,
+        "run_id": run_id,
+        "tracking_uri": redact_uri(tracking_uri) or None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return (json.dumps(header) + "\n").encode()
+
+
+def point_line(seq: int, point: Point) -> bytes:
+    """Serialise one point as a spool line."""
+    return (
+        json.dumps({"seq": seq, "k": point.key, "v": point.value, "s": point.step, "t": point.timestamp_ms})
+        + "\n"
+    ).encode()
+
+
+def parse_header(line: bytes) -> dict[str, object] | None:
+    """The header dict if ``line`` is a wattlog spool header, else None."""
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or header.get("wattlog_spool") != SPOOL_VERSION:
+        return None
+    if not isinstance(header.get("run_id"), str):
+        return None
+    return header
+
+
+def parse_point(line: bytes) -> tuple[int, Point] | None:
+    """``(seq, Point)`` from a spool line, or None for a malformed (e.g. truncated) line."""
+    try:
+        rec = json.loads(line)
+        return int(rec["seq"]), Point(str(rec["k"]), float(rec["v"]), int(rec["s"]), int(rec["t"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_header(path: Path) -> tuple[dict[str, object], int]:
+    """The header of a spool file and the byte offset of its first point line.
+
+    Raises:
+        ValueError: the file does not start with a wattlog spool header.
+    """
+    with open(path, "rb") as f:
+        first = f.readline()
+    header = parse_header(first) if first.endswith(b"\n") else None
+    if header is None:
+        raise ValueError(f"{path} is not a wattlog spool file (bad header)")
+    return header, len(first)
+
+
+def ends_with_newline(path: Path) -> bool:
+    """True if the file is empty or its last byte is a newline."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def iter_points_from(path: Path, offset: int) -> Iterator[tuple[int, Point, int, int]]:
+    """Yield ``(seq, point, start, end)`` byte offsets for the point lines of ``path`` from ``offset``.
+
+    Malformed lines are skipped; an unterminated last line (still being written, or cut by a crash)
+    ends the iteration.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            start, offset = offset, offset + len(line)
+            if not line.endswith(b"\n"):
+                return
+            parsed = parse_point(line)
+            if parsed is not None:
+                yield parsed[0], parsed[1], start, offset
+
+
+class AckSet:
+    """Acknowledged sequence numbers, as sorted, merged inclusive ranges."""
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        self._ranges: list[tuple[int, int]] = []
+        for first, last in ranges:
+            self.add(first, last)
+
+    def add(self, first: int, last: int) -> None:
+        """Mark ``first..last`` (inclusive) acknowledged."""
+        merged: list[tuple[int, int]] = []
+        for a, b in self._ranges:
+            if b + 1 < first or last + 1 < a:
+                merged.append((a, b))
+            else:
+                first, last = min(a, first), max(b, last)
+        merged.append((first, last))
+        merged.sort()
+        self._ranges = merged
+
+    def __contains__(self, seq: int) -> bool:
+        return any(a <= seq <= b for a, b in self._ranges)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The merged ranges, sorted."""
+        return list(self._ranges)
+
+
+def read_acks(path: Path) -> AckSet:
+    """Acked ranges from an ack file (missing file: none; malformed lines are ignored)."""
+    acks = AckSet()
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) == 2 and line.endswith(b"\n"):
+                    try:
+                        acks.add(int(fields[0]), int(fields[1]))
+                    except ValueError:
+                        continue
+    except FileNotFoundError:
+        pass
+    return acks
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Compress sequence numbers into sorted inclusive contiguous ranges."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(seqs):
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        elif not out or s > out[-1][1]:
+            out.append((s, s))
+    return out
+
+
+def ack_lines(seqs: Iterable[int]) -> bytes:
+    """Ack-file lines for ``seqs``."""
+    return b"".join(f"{a} {b}\n".encode() for a, b in seq_ranges(seqs))

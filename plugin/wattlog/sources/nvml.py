@@ -1,0 +1,592 @@
+"""NVIDIA GPU energy through NVML (the ``nvidia-ml-py`` package, module ``pynvml``).
+
+Per device, the best available method is chosen at ``start()``:
+
+- ``counter``: ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since driver load; Volta and newer).
+- ``power``: the instant-power field ``NVML_FI_DEV_POWER_INSTANT`` (mW), integrated at every read.
+- ``power_avg``: ``nvmlDeviceGetPowerUsage`` (mW, a 1-second average on recent GPUs), integrated;
+  only with ``allow_averaged_power=True`` and labelled as such in the provenance.
+
+``pynvml`` is imported inside :meth:`NvmlGpu.start` and :func:`list_gpus`, never at import time.
+NVML ignores ``CUDA_VISIBLE_DEVICES``, so CUDA ordinals are mapped to NVML devices by UUID.
+A MIG slice has no power reading of its own: wattlog refuses to measure one rather than invent it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+from wattlog.errors import ConfigError, SourceError, SourceUnavailable, WattlogWarning
+from wattlog.sources.base import Domain, EnergySource, PowerIntegrator, Reading
+
+_NVML_SUCCESS = 0
+_NVML_ERROR_GPU_IS_LOST = 15
+_MIG_ENABLE = 1
+_CAP_FACTOR = 1.2
+"""A delta above ``power_limit_w * elapsed_s * _CAP_FACTOR`` is implausible and gets capped."""
+_FALLBACK_MAX_W = 2000.0
+"""Plausibility ceiling per GPU when the driver reports no power limit."""
+_COUNTER_GRACE_S = 0.1
+"""Slack for the counter's own update lag when judging whether a delta is plausible."""
+# nvmlValueType_t -> attribute of c_nvmlValue_t (double, uint, ulong, ulonglong, slonglong, sint, ushort)
+_VALUE_ATTRS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+_METHOD_DETAIL = {
+    "counter": "hardware energy counter (nvmlDeviceGetTotalEnergyConsumption)",
+    "power": "instant power (NVML_FI_DEV_POWER_INSTANT) integrated at the sampling cadence",
+    "power_avg": (
+        "1-second averaged power (nvmlDeviceGetPowerUsage) integrated at the sampling cadence; "
+        "lags and smooths short steps, less accurate than a counter"
+    ),
+}
+
+
+def _text(value: Any) -> str:
+    """NVML strings are ``str`` in current nvidia-ml-py, ``bytes`` in old releases."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _mig_message(what: str) -> str:
+    return (
+        f"{what} is a MIG slice (or on a GPU in MIG mode): NVML has no power or energy reading "
+        "for a MIG slice, and wattlog will not invent one. If the job owns the whole GPU, "
+        "measure it by NVML index instead (e.g. NvmlGpu(indices=[0]) / energy.gpus=[0])."
+    )
+
+
+def _import_nvml() -> Any:
+    try:
+        import pynvml
+    except ImportError as exc:
+        raise SourceUnavailable(
+            "the pynvml module is missing: install nvidia-ml-py (pip install nvidia-ml-py)"
+        ) from exc
+    return pynvml
+
+
+def _error_class(nvml: Any, name: str) -> type[BaseException]:
+    """An NVMLError subclass by name, or a class never raised if this pynvml lacks it."""
+    cls = getattr(nvml, name, None)
+    if isinstance(cls, type) and issubclass(cls, BaseException):
+        return cls
+    return type(f"_Missing{name}", (Exception,), {})
+
+
+def _init_nvml(nvml: Any) -> None:
+    """``nvmlInit`` with failures turned into :class:`SourceUnavailable` that say why."""
+    try:
+        nvml.nvmlInit()
+    except _error_class(nvml, "NVMLError_LibraryNotFound") as exc:
+        raise SourceUnavailable(
+            "no NVIDIA driver/GPU found (NVML library libnvidia-ml.so.1 not found)"
+        ) from exc
+    except _error_class(nvml, "NVMLError_DriverNotLoaded") as exc:
+        raise SourceUnavailable("no NVIDIA driver/GPU found (NVIDIA driver not loaded)") from exc
+    except _error_class(nvml, "NVMLError_NoPermission") as exc:
+        raise SourceUnavailable(f"no permission to use NVML ({exc})") from exc
+    except nvml.NVMLError as exc:
+        raise SourceUnavailable(f"NVML failed to initialise ({exc})") from exc
+
+
+def _shutdown_nvml(nvml: Any) -> None:
+    try:
+        nvml.nvmlShutdown()
+    except nvml.NVMLError as exc:  # nothing left to release; report, never mask the caller's error
+        warnings.warn(f"wattlog: nvmlShutdown failed ({exc})", WattlogWarning, stacklevel=3)
+
+
+def _field_power_mw(fv: Any) -> float:
+    return float(getattr(fv.value, _VALUE_ATTRS[fv.valueType]))
+
+
+def _probe_counter(nvml: Any, handle: Any) -> bool:
+    try:
+        nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except nvml.NVMLError:
+        return False
+    return True
+
+
+def _probe_instant(nvml: Any, handle: Any, field_id: int | None) -> bool:
+    if field_id is None:
+        return False
+    try:
+        fv = nvml.nvmlDeviceGetFieldValues(handle, [field_id])[0]
+    except nvml.NVMLError:
+        return False
+    return fv.nvmlReturn == _NVML_SUCCESS and 0 <= fv.valueType < len(_VALUE_ATTRS)
+
+
+def _probe_power_usage(nvml: Any, handle: Any) -> bool:
+    try:
+        nvml.nvmlDeviceGetPowerUsage(handle)
+    except nvml.NVMLError:
+        return False
+    return True
+
+
+def _power_limit_w(nvml: Any, handle: Any) -> float | None:
+    try:
+        limit_mw = nvml.nvmlDeviceGetEnforcedPowerLimit(handle)
+    except nvml.NVMLError:
+        return None
+    return limit_mw / 1e3 if limit_mw else None
+
+
+def _is_mig_handle(nvml: Any, handle: Any) -> bool:
+    fn = getattr(nvml, "nvmlDeviceIsMigDeviceHandle", None)
+    if fn is None:
+        return False
+    try:
+        result = fn(handle)
+    except nvml.NVMLError:  # NotSupported / FunctionNotFound on pre-Ampere GPUs and old drivers
+        return False
+    return bool(getattr(result, "value", result))
+
+
+def _mig_enabled(nvml: Any, handle: Any) -> bool:
+    fn = getattr(nvml, "nvmlDeviceGetMigMode", None)
+    if fn is None:
+        return False
+    try:
+        current, _pending = fn(handle)
+    except nvml.NVMLError:  # NotSupported: the GPU has no MIG
+        return False
+    return current == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", _MIG_ENABLE)
+
+
+def _all_uuids(nvml: Any) -> list[str]:
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+    return [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+
+
+def _visible_entries() -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` parsed like CUDA does (stops at ``-1``); None when unset."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    entries: list[str] = []
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
+
+
+def _torch_uuid(cuda_index: int) -> str | None:
+    """The UUID of CUDA device ``cuda_index`` from torch, only if torch already initialised CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+    except (AttributeError, RuntimeError, AssertionError, ValueError):  # old torch: fall back to env
+        return None
+    return uuid or None
+
+
+def _resolve_entry(entry: str, uuids: list[str]) -> int:
+    """NVML index of one ``CUDA_VISIBLE_DEVICES`` entry (integer, ``GPU-`` UUID or prefix)."""
+    if entry.upper().startswith("MIG-"):
+        raise SourceUnavailable(_mig_message(f"CUDA_VISIBLE_DEVICES entry {entry!r}"))
+    if entry.isdigit():
+        index = int(entry)
+        if index >= len(uuids):
+            raise ConfigError("CUDA_VISIBLE_DEVICES", entry, f"NVML indices 0..{len(uuids) - 1} or GPU UUIDs")
+        return index
+    prefix = entry if entry.upper().startswith("GPU-") else f"GPU-{entry}"
+    matches = [i for i, u in enumerate(uuids) if u.lower().startswith(prefix.lower())]
+    if len(matches) != 1:
+        raise ConfigError("CUDA_VISIBLE_DEVICES", entry, uuids)
+    return matches[0]
+
+
+def _cuda_to_nvml(nvml: Any, cuda_devices: list[int]) -> list[int]:
+    """NVML indices of the CUDA ordinals this process sees, matched by UUID.
+
+    Uses torch's device UUIDs when torch has already initialised CUDA; otherwise the k-th
+    ``CUDA_VISIBLE_DEVICES`` entry (or NVML index k when unset). Device numbers are CUDA's
+    enumeration order, which equals NVML's PCI order with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or when
+    all GPUs are the same model; otherwise a warning suggests fixing the order.
+    """
+    uuids = _all_uuids(nvml)
+    entries = _visible_entries()
+    visible = len(entries) if entries is not None else len(uuids)
+    indices: list[int] = []
+    for k in cuda_devices:
+        torch_uuid = _torch_uuid(k)
+        if torch_uuid is not None:
+            bare = torch_uuid.lower().removeprefix("gpu-").removeprefix("mig-")
+            by_uuid = [i for i, u in enumerate(uuids) if u.lower().removeprefix("gpu-") == bare]
+            if by_uuid:
+                indices.append(by_uuid[0])
+                continue
+            raise SourceUnavailable(_mig_message(f"CUDA device {k} (UUID {torch_uuid})"))
+        if k >= visible:
+            cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError("gpus", k, f"CUDA ordinals 0..{visible - 1} (CUDA_VISIBLE_DEVICES={cvd!r})")
+        index = _resolve_entry(entries[k], uuids) if entries is not None else k
+        # Resolve through the UUID: the handle NVML gives for it is the device CUDA means.
+        handle = nvml.nvmlDeviceGetHandleByUUID(uuids[index])
+        if _is_mig_handle(nvml, handle):
+            raise SourceUnavailable(_mig_message(f"CUDA device {k}"))
+        indices.append(index)
+    by_number = entries is None or any(e.isdigit() for e in entries)
+    if by_number and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID" and len(uuids) > 1:
+        names = {_text(nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(i))) for i in range(len(uuids))}
+        if len(names) > 1:
+            warnings.warn(
+                "wattlog: CUDA devices chosen by number on a machine with mixed GPU models: CUDA's default "
+                "order (FASTEST_FIRST) may differ from NVML's; set CUDA_DEVICE_ORDER=PCI_BUS_ID or use UUIDs",
+                WattlogWarning,
+                stacklevel=3,
+            )
+    return indices
+
+
+def _check_index_list(value: list[int] | None, field: str = "gpus") -> list[int] | None:
+    if value is None:
+        return None
+    valid = not isinstance(value, (str, bytes)) and bool(value)
+    if not valid or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise ConfigError(field, value, "a non-empty list of non-negative integer indices, or None for all")
+    return list(value)
+
+
+class _Device:
+    """Per-device state kept between reads (plain attributes, no per-read allocation)."""
+
+    __slots__ = (
+        "index", "name", "uuid", "handle", "method", "power_limit_w", "cap_w", "mig_enabled",
+        "start_raw_mj", "last_raw_mj", "energy_j", "window_start_s", "last_read_s", "integrator",
+        "domain", "reset_note", "cap_note",
+    )
+
+    def __init__(self, index: int, handle: Any) -> None:
+        self.index = index
+        self.domain = f"gpu{index}"
+        self.reset_note = f"gpu{index}: counter went backwards (reset?)"
+        self.cap_note = f"gpu{index}: energy jump above power limit capped"
+        self.handle = handle
+        self.name = ""
+        self.uuid = ""
+        self.method = ""
+        self.power_limit_w: float | None = None
+        self.cap_w = _FALLBACK_MAX_W * _CAP_FACTOR
+        self.mig_enabled = False
+        self.start_raw_mj = 0
+        self.last_raw_mj = 0
+        self.energy_j = 0.0
+        self.window_start_s = 0.0
+        self.last_read_s = 0.0
+        self.integrator = PowerIntegrator()
+
+
+class NvmlGpu(EnergySource):
+    """NVIDIA GPUs through NVML: cumulative joules per GPU since ``start()``.
+
+    Args:
+        indices: NVML device indices to measure (NVML/PCI order, ignores ``CUDA_VISIBLE_DEVICES``).
+            A GPU in MIG mode may be measured this way as a whole (the job must own all of it).
+        cuda_devices: CUDA ordinals as this process sees them; mapped to NVML devices by UUID,
+            honouring ``CUDA_VISIBLE_DEVICES``. MIG slices raise :class:`SourceUnavailable`.
+        require_counter: refuse GPUs without the hardware energy counter (pre-Volta).
+        allow_averaged_power: fall back to ``nvmlDeviceGetPowerUsage`` (1-s average) when neither
+            the counter nor the instant-power field exists.
+
+    With both ``indices`` and ``cuda_devices`` None, every NVML device is measured (GPUs in MIG
+    mode are refused; pass ``indices`` to measure them whole).
+
+    Raises:
+        ConfigError: bad ``indices``/``cuda_devices`` (field ``gpus``).
+    """
+
+    kind = "gpu"
+
+    def __init__(
+        self,
+        indices: list[int] | None = None,
+        cuda_devices: list[int] | None = None,
+        require_counter: bool = False,
+        allow_averaged_power: bool = True,
+    ) -> None:
+        if indices is not None and cuda_devices is not None:
+            both = {"indices": indices, "cuda_devices": cuda_devices}
+            raise ConfigError("gpus", both, "indices or cuda_devices, not both")
+        self._indices = _check_index_list(indices)
+        self._cuda_devices = _check_index_list(cuda_devices)
+        self.require_counter = bool(require_counter)
+        self.allow_averaged_power = bool(allow_averaged_power)
+        self._nvml: Any = None
+        self._devices: list[_Device] = []
+        self._driver_version = ""
+        self._field_ids: list[int] = []
+        self._nvml_error: type[BaseException] = Exception
+        self._unknown_error: type[BaseException] = Exception
+
+    # ------------------------------------------------------------------ start / close
+
+    def start(self) -> list[Domain]:
+        """Initialise NVML, pick each device's method and record the counters' starting values.
+
+        Raises:
+            SourceUnavailable: no driver/GPU, a MIG slice, or a GPU without a usable method.
+            ConfigError: an index or CUDA ordinal that does not exist (field ``gpus``).
+        """
+        if self._nvml is not None:
+            return self.domains()
+        nvml = _import_nvml()
+        _init_nvml(nvml)
+        self._nvml = nvml
+        try:
+            self._nvml_error = nvml.NVMLError
+            self._unknown_error = _error_class(nvml, "NVMLError_Unknown")
+            field_id = getattr(nvml, "NVML_FI_DEV_POWER_INSTANT", None)
+            self._field_ids = [field_id] if field_id is not None else []
+            self._driver_version = _text(nvml.nvmlSystemGetDriverVersion())
+            self._devices = [self._open(nvml, i, field_id) for i in self._select(nvml)]
+            now_s = self.now_s()
+            for dev in self._devices:
+                self._begin(dev, now_s)
+        except (SourceUnavailable, ConfigError):
+            self.close()
+            raise
+        except SourceError as exc:
+            self.close()
+            raise SourceUnavailable(str(exc)) from exc
+        except nvml.NVMLError as exc:
+            self.close()
+            raise SourceUnavailable(f"NVML failed while opening the GPUs ({exc})") from exc
+        except BaseException:
+            self.close()
+            raise
+        return self.domains()
+
+    def _select(self, nvml: Any) -> list[int]:
+        count = nvml.nvmlDeviceGetCount()
+        if self._cuda_devices is not None:
+            selected = _cuda_to_nvml(nvml, self._cuda_devices)
+        elif self._indices is not None:
+            bad = [i for i in self._indices if i >= count]
+            if bad:
+                allowed = f"NVML indices 0..{count - 1}" if count else "none (NVML sees no GPU)"
+                raise ConfigError("gpus", self._indices, allowed)
+            selected = self._indices
+        else:
+            selected = list(range(count))
+            if not selected:
+                raise SourceUnavailable("NVML sees no GPU on this machine")
+        return list(dict.fromkeys(selected))
+
+    def _open(self, nvml: Any, index: int, field_id: int | None) -> _Device:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        dev = _Device(index, handle)
+        dev.name = _text(nvml.nvmlDeviceGetName(handle))
+        dev.uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        dev.mig_enabled = _mig_enabled(nvml, handle)
+        if _is_mig_handle(nvml, handle) or (dev.mig_enabled and self._indices is None):
+            raise SourceUnavailable(_mig_message(f"GPU {index} ({dev.name}, {dev.uuid})"))
+        if _probe_counter(nvml, handle):
+            dev.method = "counter"
+        elif self.require_counter:
+            raise SourceUnavailable(
+                f"GPU {index} ({dev.name}) has no NVML energy counter: counters need a Volta or newer GPU "
+                "(set require_counter=False to integrate power instead)"
+            )
+        elif _probe_instant(nvml, handle, field_id):
+            dev.method = "power"
+        elif self.allow_averaged_power and _probe_power_usage(nvml, handle):
+            dev.method = "power_avg"
+        else:
+            why = "" if self.allow_averaged_power else " (allow_averaged_power=False)"
+            raise SourceUnavailable(
+                f"GPU {index} ({dev.name}) reports neither an energy counter nor instant power{why}"
+            )
+        dev.power_limit_w = _power_limit_w(nvml, handle)
+        dev.cap_w = (dev.power_limit_w or _FALLBACK_MAX_W) * _CAP_FACTOR
+        return dev
+
+    def _begin(self, dev: _Device, now_s: float) -> None:
+        dev.energy_j = 0.0
+        dev.last_read_s = now_s
+        dev.window_start_s = now_s
+        dev.integrator = PowerIntegrator()
+        if dev.method == "counter":
+            raw = self._call_counter(dev)
+            dev.start_raw_mj = dev.last_raw_mj = raw
+        else:
+            dev.integrator.add(now_s, self._call_power_w(dev))
+
+    def domains(self) -> list[Domain]:
+        """The domains of the started devices: ``gpu{nvml_index}``."""
+        return [
+            Domain(
+                name=f"gpu{d.index}",
+                kind="gpu",
+                method=d.method,
+                estimated=False,
+                index=d.index,
+                power_limit_w=d.power_limit_w,
+            )
+            for d in self._devices
+        ]
+
+    def close(self) -> None:
+        """Shut NVML down once; safe to call twice and after a failed ``start()``."""
+        nvml, self._nvml = self._nvml, None
+        if nvml is not None:
+            _shutdown_nvml(nvml)
+
+    # ------------------------------------------------------------------ read
+
+    def _fail(self, dev: _Device, exc: BaseException) -> SourceError:
+        if getattr(exc, "value", None) == _NVML_ERROR_GPU_IS_LOST:  # pynvml: NVMLError_GpuIsLost
+            return SourceError(f"gpu{dev.index}: GPU is lost (fell off the bus?): {exc}")
+        return SourceError(f"gpu{dev.index}: NVML error: {exc}")
+
+    def _call_counter(self, dev: _Device) -> int:
+        nvml = self._nvml
+        try:
+            try:
+                return nvml.nvmlDeviceGetTotalEnergyConsumption(dev.handle)
+            except self._unknown_error:
+                return nvml.nvmlDeviceGetTotalEnergyConsumption(dev.handle)
+        except self._nvml_error as exc:
+            raise self._fail(dev, exc) from exc
+
+    def _power_mw_once(self, dev: _Device) -> float:
+        nvml = self._nvml
+        if dev.method == "power":
+            fv = nvml.nvmlDeviceGetFieldValues(dev.handle, self._field_ids)[0]
+            if fv.nvmlReturn != _NVML_SUCCESS:
+                raise nvml.NVMLError(fv.nvmlReturn)
+            return _field_power_mw(fv)
+        return nvml.nvmlDeviceGetPowerUsage(dev.handle)
+
+    def _call_power_w(self, dev: _Device) -> float:
+        try:
+            try:
+                return self._power_mw_once(dev) / 1e3
+            except self._unknown_error:
+                return self._power_mw_once(dev) / 1e3
+        except self._nvml_error as exc:
+            raise self._fail(dev, exc) from exc
+
+    def read(self) -> Reading:
+        """Cumulative joules per GPU since ``start()``; never decreasing.
+
+        A counter that goes backwards is treated as a reset; a delta above the power limit
+        (x1.2) is capped. Both add a note to the reading.
+
+        Raises:
+            SourceError: NVML failed (GPU lost, or an error that persisted through one retry).
+        """
+        if self._nvml is None:
+            raise SourceError("NVML source read before start() or after close()")
+        notes: tuple[str, ...] = ()
+        energy_j: dict[str, float] = {}
+        now_s = 0.0
+        for dev in self._devices:
+            if dev.method == "counter":
+                raw = self._call_counter(dev)
+                now_s = self.now_s()
+                if raw != dev.last_raw_mj:
+                    delta_j = (raw - dev.last_raw_mj) / 1e3
+                    if delta_j < 0:  # reset (or a bogus backwards jump): energy since the reset is `raw`
+                        delta_j = raw / 1e3
+                        notes += (dev.reset_note,)
+                    cap_j = dev.cap_w * (now_s - dev.window_start_s + _COUNTER_GRACE_S)
+                    if delta_j > cap_j:
+                        delta_j = max(cap_j, 0.0)
+                        notes += (dev.cap_note,)
+                    dev.energy_j += delta_j
+                    dev.last_raw_mj = raw
+                    # The next delta was accumulated after the previous read at the earliest.
+                    dev.window_start_s = dev.last_read_s
+            else:
+                power_w = self._call_power_w(dev)
+                now_s = self.now_s()
+                dev.energy_j = dev.integrator.add(now_s, power_w)
+            dev.last_read_s = now_s
+            energy_j[dev.domain] = dev.energy_j
+        return Reading(time_s=now_s if self._devices else self.now_s(), energy_j=energy_j, notes=notes)
+
+    # ------------------------------------------------------------------ provenance
+
+    def provenance(self) -> dict[str, str]:
+        """Facts about the measured GPUs (after ``start()``).
+
+        Keys: ``gpu_model``, ``gpu_count``, ``gpu_method``, ``gpu_method_detail``, ``driver_version``,
+        ``gpu_power_limit_w``, ``gpu_uuids``, ``gpu_nvml_indices``.
+        """
+        devs = self._devices
+
+        def joined(values: list[str]) -> str:
+            return ",".join(dict.fromkeys(values))
+
+        details = []
+        for d in devs:
+            extra = "; MIG mode enabled, whole GPU measured" if d.mig_enabled else ""
+            details.append(f"gpu{d.index}: {_METHOD_DETAIL.get(d.method, d.method)}{extra}")
+        return {
+            "gpu_model": joined([d.name for d in devs]),
+            "gpu_count": str(len(devs)),
+            "gpu_method": joined([d.method for d in devs]),
+            "gpu_method_detail": "; ".join(details),
+            "driver_version": self._driver_version,
+            "gpu_power_limit_w": joined(
+                [f"{d.power_limit_w:g}" if d.power_limit_w is not None else "unknown" for d in devs]
+            ),
+            "gpu_uuids": ",".join(d.uuid for d in devs),
+            "gpu_nvml_indices": ",".join(str(d.index) for d in devs),
+        }
+
+
+def list_gpus() -> list[dict[str, Any]]:
+    """Describe every NVML device for ``wattlog devices``.
+
+    Returns:
+        One dict per GPU: ``index``, ``name``, ``uuid``, ``counter`` (energy counter supported),
+        ``instant_power`` (instant-power field supported), ``mig`` (MIG mode enabled),
+        ``power_limit_w`` (None if unknown), ``method`` (what :class:`NvmlGpu` would use).
+
+    Raises:
+        SourceUnavailable: NVML cannot be used here; the message says why.
+    """
+    nvml = _import_nvml()
+    _init_nvml(nvml)
+    try:
+        field_id = getattr(nvml, "NVML_FI_DEV_POWER_INSTANT", None)
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            counter = _probe_counter(nvml, handle)
+            instant = _probe_instant(nvml, handle, field_id)
+            if counter:
+                method = "counter"
+            elif instant:
+                method = "power"
+            else:
+                method = "power_avg" if _probe_power_usage(nvml, handle) else "none"
+            gpus.append(
+                {
+                    "index": index,
+                    "name": _text(nvml.nvmlDeviceGetName(handle)),
+                    "uuid": _text(nvml.nvmlDeviceGetUUID(handle)),
+                    "counter": counter,
+                    "instant_power": instant,
+                    "mig": _mig_enabled(nvml, handle),
+                    "power_limit_w": _power_limit_w(nvml, handle),
+                    "method": method,
+                }
+            )
+        return gpus
+    except nvml.NVMLError as exc:
+        raise SourceUnavailable(f"NVML failed while listing GPUs ({exc})") from exc
+    finally:
+        _shutdown_nvml(nvml)

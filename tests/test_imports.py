@@ -1,0 +1,31 @@
+"""Importing wattlog is cheap: no heavy frameworks, no hardware."""
+
+import json
+import subprocess
+import sys
+
+HEAVY = ["torch", "lightning", "pytorch_lightning", "mlflow", "hydra", "pandas", "matplotlib", "pynvml"]
+
+
+def test_import_pulls_no_frameworks_and_touches_no_hardware():
+    code = (
+        "import sys, builtins, json\n"
+        "opened = []\n"
+        "real_open = builtins.open\n"
+        "def spy(f, *a, **k):\n"
+        "    opened.append(str(f)); return real_open(f, *a, **k)\n"
+        "builtins.open = spy\n"
+        "import wattlog, wattlog.meter, wattlog.sources, wattlog.sources.nvml, wattlog.sources.rapl, "
+        "wattlog.sources.estimate, wattlog.carbon, wattlog.ledger, wattlog.cli\n"
+        f"print(json.dumps({{'mods': [m for m in {HEAVY!r} if m in sys.modules], 'opened': opened}}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["mods"] == []
+    assert not [f for f in result["opened"] if f.startswith(("/sys", "/proc", "/dev"))]
+
+
+def test_energy_monitor_is_lazy():
+    code = "import sys, wattlog; assert 'lightning' not in sys.modules; wattlog.EnergyMonitor; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

@@ -1,0 +1,200 @@
+"""EnergyMonitor end to end: fake NVML at known power, a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import pytest
+
+pytest.importorskip("lightning")
+
+from fakes.nvml import FakeGpu, FakeNvml  # noqa: E402
+from lightning_helpers import loader, make_module, metric_history  # noqa: E402
+
+from wattlog import EnergyMonitor  # noqa: E402
+from wattlog.errors import ConfigError, NoRunError  # noqa: E402
+
+STEP_KEYS = ["energy/step_j", "energy/power_w", "energy/gpu_power_w", "energy/total_kwh", "energy/emissions_g"]
+
+
+def _power(t: float) -> float:
+    return 150.0 + 50.0 * math.sin(2.0 * t)
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    fake = FakeNvml([FakeGpu(power_w=_power), FakeGpu(power_w=80.0)])
+    fake.install(monkeypatch)
+    return fake
+
+
+def _fit(pl, module, monitor, uri, tmp_path, steps, **trainer_kwargs):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(experiment_name="t", tracking_uri=uri)
+    trainer = pl.Trainer(
+        max_steps=steps, callbacks=[monitor], logger=logger, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=2,
+        val_check_interval=10, accelerator="cpu", **trainer_kwargs,
+    )
+    trainer.fit(module, loader(256), loader(16))
+    return trainer, logger
+
+
+@pytest.mark.slow
+def test_fit_logs_contract_keys_with_ground_truth(fake_nvml, mlflow_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    pl, module = make_module(step_sleep_s=0.08)
+    monitor = EnergyMonitor(gpus=[0, 1], cpu="none", ram="none", log_every_n_steps=1, carbon_intensity=400.0,
+                            pue=1.2, per_device=True, target={"metric": "val_acc", "value": 0.0, "mode": "max"})
+    trainer, logger = _fit(pl, module, monitor, mlflow_uri, tmp_path, steps=40)
+    run_id = logger.run_id
+    client = MlflowClient(mlflow_uri)
+
+    for key in STEP_KEYS + ["energy/gpu0_power_w", "energy/gpu1_power_w"]:
+        hist = metric_history(mlflow_uri, run_id, key)
+        steps = sorted(m.step for m in hist)
+        if key in ("energy/total_kwh", "energy/emissions_g"):  # + the run total, logged at the last step
+            assert steps[-2:] == [40, 40]
+            steps = steps[:-1]
+        assert steps == list(range(1, 41)), key  # one point per key per step
+    total = sorted(metric_history(mlflow_uri, run_id, "energy/total_kwh"), key=lambda m: (m.step, m.timestamp))
+    per_step = [m.value for m in total if m.step <= 40][:40]
+    assert all(b >= a for a, b in zip(per_step, per_step[1:]))  # monotonic
+
+    run = client.get_run(run_id)
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    # ground truth from the fake over the measured span (trace.csv's first start .. last end)
+    trace_path = client.download_artifacts(run_id, "energy/trace.csv", str(tmp_path))
+    rows = list(csv.DictReader(open(trace_path)))
+    t0, t1 = float(rows[0]["t_start_s"]), float(rows[-1]["t_end_s"])
+    assert t1 - t0 >= 3.0
+    truth_j = fake_nvml.true_energy_j(0, t0, t1) + fake_nvml.true_energy_j(1, t0, t1)
+    assert metrics["energy/total_kwh"] * 3.6e6 == pytest.approx(truth_j, rel=0.02)
+    assert metrics["energy/emissions_g"] == pytest.approx(metrics["energy/total_kwh"] * 1.2 * 400.0, rel=1e-9)
+    assert metrics["energy/gpu_kwh"] == pytest.approx(metrics["energy/total_kwh"], rel=1e-9)
+    assert metrics["energy/cpu_kwh"] == 0.0
+    for key in ("energy/train_kwh", "energy/val_kwh", "energy/j_per_sample", "energy/avg_power_w",
+                "energy/duration_s", "energy/kwh_to_target"):
+        assert key in metrics, key
+    assert metrics["energy/j_per_sample"] == pytest.approx(metrics["energy/train_kwh"] * 3.6e6 / (40 * 4), rel=1e-6)
+    assert 200 < metrics["energy/avg_power_w"] < 320
+    # train + val + other add up to the total
+    stage_sum = sum(float(r["total_j"]) for r in rows)
+    assert stage_sum == pytest.approx(metrics["energy/total_kwh"] * 3.6e6, rel=1e-9)
+    assert params["energy.gpu_count"] == "2"
+    assert params["energy.gpu_method"] == "counter"
+    assert params["energy.cpu_method"] == "none"
+    assert params["energy.carbon_intensity_g_per_kwh"] == "400.0"
+    assert params["energy.carbon_source"] == "user"
+    assert params["energy.pue"] == "1.2"
+    assert "energy.gpu_model" in params and "energy.ram_method" in params
+    assert tags["energy.estimated"] == "none"
+    assert "energy.degraded" not in tags
+    artifacts = {a.path for a in client.list_artifacts(run_id, "energy")}
+    assert {"energy/trace.csv", "energy/power.png"} <= artifacts
+    assert {r["stage"] for r in rows} >= {"train", "val"}
+    assert monitor.mark_cost_us < 200
+
+
+def test_estimated_cpu_labelled_and_test_stage(mlflow_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    pl, module = make_module()
+    monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=2)
+    trainer, logger = _fit(pl, module, monitor, mlflow_uri, tmp_path, steps=6)
+    trainer.test(module, loader(32))
+    run = MlflowClient(mlflow_uri).get_run(logger.run_id)
+    assert run.data.tags["energy.estimated"] == "cpu,ram"
+    assert run.data.params["energy.cpu_method"] == "estimate"
+    assert run.data.params["energy.gpu_method"] == "none"
+    assert run.data.metrics["energy/test_j_per_sample"] > 0
+    assert run.data.metrics["energy/test_kwh"] > 0
+    steps = sorted(m.step for m in metric_history(mlflow_uri, logger.run_id, "energy/step_j"))
+    assert steps == [2, 4, 6]
+
+
+def test_active_run_fallback_and_no_run_error(mlflow_uri, tmp_path):
+    import mlflow
+
+    pl, module = make_module()
+    trainer = pl.Trainer(max_steps=2, callbacks=[EnergyMonitor(gpus="none", cpu="estimate", ram="none")],
+                         logger=False, enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu")
+    with pytest.raises(NoRunError, match="MLFlowLogger"):
+        trainer.fit(module, loader(16))
+    mlflow.set_tracking_uri(mlflow_uri)
+    try:
+        with mlflow.start_run() as run:
+            trainer = pl.Trainer(max_steps=3, callbacks=[EnergyMonitor(gpus="none", cpu="estimate", ram="none",
+                                                                       log_every_n_steps=1)],
+                                 logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                                 accelerator="cpu")
+            trainer.fit(module, loader(16))
+        assert len(metric_history(mlflow_uri, run.info.run_id, "energy/total_kwh")) >= 3
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_pytorch_lightning_namespace(mlflow_uri, tmp_path):
+    pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    pl, module = make_module("pytorch_lightning")
+    logger = MLFlowLogger(experiment_name="pl", tracking_uri=mlflow_uri)
+    trainer = pl.Trainer(max_steps=3, callbacks=[EnergyMonitor(gpus="none", cpu="estimate", ram="none",
+                                                               log_every_n_steps=1)],
+                         logger=logger, enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, loader(16))
+    assert sorted(m.step for m in metric_history(mlflow_uri, logger.run_id, "energy/step_j")) == [1, 2, 3]
+
+
+def test_resume_continues_totals(mlflow_uri, tmp_path):
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+
+    pl, module = make_module(step_sleep_s=0.03)
+    ckpt_dir = tmp_path / "ckpt"
+    kwargs = dict(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1)
+    logger = MLFlowLogger(experiment_name="r", tracking_uri=mlflow_uri)
+    first = EnergyMonitor(**kwargs)
+    trainer = pl.Trainer(max_steps=4, callbacks=[first, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+                         logger=logger, default_root_dir=tmp_path, accelerator="cpu", enable_model_summary=False)
+    trainer.fit(module, loader(64))
+    first_total = MlflowClient(mlflow_uri).get_run(logger.run_id).data.metrics["energy/total_kwh"]
+    assert first.state_dict()["total_j"] == pytest.approx(first_total * 3.6e6)
+    saved = torch.load(ckpt_dir / "last.ckpt", weights_only=False)["callbacks"]["EnergyMonitor"]
+    assert 0 < saved["total_j"] <= first_total * 3.6e6  # the checkpoint holds the totals at step 4
+
+    logger2 = MLFlowLogger(experiment_name="r", tracking_uri=mlflow_uri, run_id=logger.run_id)
+    second = EnergyMonitor(**kwargs)
+    trainer = pl.Trainer(max_steps=8, callbacks=[second], logger=logger2, default_root_dir=tmp_path,
+                         accelerator="cpu", enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, loader(64), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    hist = sorted(metric_history(mlflow_uri, logger.run_id, "energy/total_kwh"), key=lambda m: (m.step, m.timestamp))
+    resumed = [m.value for m in hist if m.step == 5]
+    assert resumed and resumed[-1] * 3.6e6 > saved["total_j"]  # continues from the checkpoint, no restart
+    assert second.state_dict()["total_j"] > saved["total_j"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"gpus": "all"}, "gpus"), ({"gpus": [0, 0]}, "gpus"), ({"cpu": "rapll"}, "cpu"), ({"ram": "dimm"}, "ram"),
+        ({"pue": 0.5}, "pue"), ({"pue": "abc"}, "pue"), ({"carbon_intensity": -1}, "carbon_intensity"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps"), ({"sample_interval_s": 0}, "sample_interval_s"),
+        ({"sync_cuda": "yes"}, "sync_cuda"), ({"target": {"metric": "a"}}, "target"),
+        ({"target": {"metric": "a", "value": 1, "mode": "up"}}, "target.mode"),
+        ({"idle_baseline_s": -1}, "idle_baseline_s"), ({"country": ""}, "country"),
+        ({"batch_size_fn": 3}, "batch_size_fn"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        EnergyMonitor(**kwargs)
+    assert str(err.value).startswith(f"{field}=")
+    assert "allowed" in str(err.value)

@@ -1,0 +1,436 @@
+"""MlflowSink against a real sqlite MLflow store (and, marked slow, a real `mlflow server`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from wattlog.errors import ConfigError, SinkError, WattlogWarning  # noqa: E402
+from wattlog.sinks.mlflow import MlflowSink, Point, redact_uri, sync  # noqa: E402
+from wattlog.sinks.spool import ack_file, read_acks  # noqa: E402
+
+KEYS = [f"energy/k{j}" for j in range(5)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[str, MlflowClient, str]:
+    """A sqlite tracking store with one active run: (uri, client, run_id)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("wattlog-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri, client, client.create_run(exp).info.run_id
+
+
+@pytest.fixture
+def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-strict failure policy; MLflow's own HTTP retries off, so refusals surface at once."""
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_points(n_steps: int, keys: list[str] = KEYS, step0: int = 0) -> list[list[Point]]:
+    """One list per step, one point per key; value encodes (key index, step)."""
+    return [
+        [Point(k, float(1000 * j + s), s, 1_700_000_000_000 + s) for j, k in enumerate(keys)]
+        for s in range(step0, step0 + n_steps)
+    ]
+
+
+def history_counts(client: MlflowClient, run_id: str, keys: list[str] = KEYS) -> dict[str, int]:
+    return {k: len(client.get_metric_history(run_id, k)) for k in keys}
+
+
+def assert_exactly_once(client: MlflowClient, run_id: str, n_steps: int, keys: list[str] = KEYS) -> None:
+    for j, k in enumerate(keys):
+        hist = client.get_metric_history(run_id, k)
+        assert sorted(m.step for m in hist) == list(range(n_steps)), k
+        assert all(m.value == 1000 * j + m.step for m in hist)
+
+
+def unreachable_warnings(rec: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in rec if "MLflow unreachable" in str(w.message)]
+
+
+class FlakyClient:
+    """A real MlflowClient whose first ``fail`` log_batch calls raise; records the calling threads.
+
+    With ``deliver_then_fail``, a failing call first delivers the batch (the response was lost).
+    """
+
+    def __init__(self, uri: str, fail: int = 0, deliver_then_fail: bool = False) -> None:
+        self.real = MlflowClient(uri)
+        self.fail = fail
+        self.deliver_then_fail = deliver_then_fail
+        self.calls = 0
+        self.threads: set[str] = set()
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        if self.fail > 0:
+            self.fail -= 1
+            if self.deliver_then_fail:
+                self.real.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+            raise MlflowException("connection reset by peer", error_code="TEMPORARILY_UNAVAILABLE")
+        return self.real.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_points_land_exactly_once_off_the_caller_thread(store, tmp_path):
+    uri, client, run_id = store
+    flaky = FlakyClient(uri)
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.2,
+                      _client_factory=lambda u: flaky)
+    sink.start()
+    for step_points in make_points(1000):  # 5,000 points
+        sink.log_points(step_points)
+    assert sink.flush(timeout_s=120)
+    sink.close()
+    assert sink.pending_points == 0
+    assert_exactly_once(client, run_id, 1000)
+    assert flaky.threads == {"wattlog-mlflow-writer"}
+    assert threading.current_thread().name not in flaky.threads
+    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 5000)]
+    sink.close()  # idempotent
+
+
+def test_spool_format_and_permissions(store, tmp_path):
+    uri, _client, run_id = store
+    spool_dir = tmp_path / "new" / "spool"
+    sink = MlflowSink(run_id, uri, spool_dir=spool_dir)
+    assert sink.spool_path == spool_dir.absolute() / f"{run_id}.jsonl"
+    assert not spool_dir.exists()  # no I/O before start()
+    sink.start()
+    sink.log_points([Point("energy/step_j", 1.5, 3, 1234)])
+    assert sink.flush(60)
+    sink.close()
+    assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sink.spool_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ack_file(sink.spool_path).stat().st_mode) == 0o600
+    header, line = [json.loads(x) for x in sink.spool_path.read_text().splitlines()]
+    assert header["wattlog_spool"] == 1 and header["run_id"] == run_id and header["tracking_uri"] == uri
+    assert line == {"seq": 1, "k": "energy/step_j", "v": 1.5, "s": 3, "t": 1234}
+
+
+def test_outage_spools_everything_then_sync_delivers(store, tmp_path, lenient):
+    uri, client, run_id = store
+    dead = f"http://127.0.0.1:{free_port()}"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink = MlflowSink(run_id, dead, spool_dir=tmp_path / "spool", batch_size=50,
+                          flush_interval_s=0.05, max_backoff_s=0.05)
+        sink.start()
+        for step_points in make_points(200):
+            sink.log_points(step_points)  # neither blocks nor raises
+        assert sink.flush(timeout_s=1.0) is False
+        time.sleep(0.3)  # several more retries
+        sink.close(timeout_s=0.2)
+    assert len(unreachable_warnings(rec)) == 1
+    msg = unreachable_warnings(rec)[0]
+    assert str(sink.spool_path) in msg and "wattlog sync" in msg
+    assert any("not delivered" in str(w.message) for w in rec)
+    assert sink.pending_points == 1000
+    assert len(sink.spool_path.read_text().splitlines()) == 1 + 1000
+    assert history_counts(client, run_id) == dict.fromkeys(KEYS, 0)
+
+    result = sync(sink.spool_path, tracking_uri=uri)
+    assert (result.sent, result.skipped, result.files) == (1000, 0, 1)
+    assert_exactly_once(client, run_id, 200)
+    again = sync(sink.spool_path, tracking_uri=uri)
+    assert (again.sent, again.skipped) == (0, 0)
+    assert history_counts(client, run_id) == dict.fromkeys(KEYS, 200)
+
+
+@pytest.mark.parametrize("deliver_then_fail", [False, True], ids=["refused", "response-lost"])
+def test_server_comes_back_every_point_once(store, tmp_path, lenient, deliver_then_fail):
+    uri, client, run_id = store
+    flaky = FlakyClient(uri, fail=3, deliver_then_fail=deliver_then_fail)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", batch_size=100,
+                          flush_interval_s=0.05, max_backoff_s=0.05, _client_factory=lambda u: flaky)
+        sink.start()
+        for step_points in make_points(300):
+            sink.log_points(step_points)
+        assert sink.flush(timeout_s=60)
+        sink.close()
+    assert flaky.fail == 0 and flaky.calls > 3
+    assert len(unreachable_warnings(rec)) == 1
+    assert_exactly_once(client, run_id, 300)
+    assert sync(sink.spool_path, tracking_uri=uri).sent == 0
+
+
+def test_memory_bound_spills_to_spool_and_reads_back(store, tmp_path, lenient):
+    uri, client, run_id = store
+    gate = threading.Event()
+
+    class GatedClient(FlakyClient):
+        def log_batch(self, run_id, **kw):
+            if not gate.is_set():
+                raise MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+            return super().log_batch(run_id, **kw)
+
+    gated = GatedClient(uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WattlogWarning)
+        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", batch_size=40, flush_interval_s=0.02,
+                          max_backoff_s=0.02, max_buffer_points=50, _client_factory=lambda u: gated)
+        sink.start()
+        for step_points in make_points(100):
+            sink.log_points(step_points)
+        assert sink.flush(timeout_s=0.5) is False
+        assert sink.pending_points == 500
+        assert len(sink._unsent) <= 50  # the rest lives only in the spool
+        gate.set()
+        assert sink.flush(timeout_s=60)
+        sink.close()
+    assert_exactly_once(client, run_id, 100)
+    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 500)]
+
+
+def test_restart_resends_what_a_previous_session_left(store, tmp_path, lenient):
+    uri, client, run_id = store
+    dead = f"http://127.0.0.1:{free_port()}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WattlogWarning)
+        first = MlflowSink(run_id, dead, spool_dir=tmp_path / "spool", max_backoff_s=0.05)
+        first.start()
+        for step_points in make_points(50):
+            first.log_points(step_points)
+        first.close(timeout_s=0.3)
+    assert first.pending_points == 250
+
+    second = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.05)
+    second.start()
+    assert second.pending_points == 250
+    for step_points in make_points(50, step0=50):
+        second.log_points(step_points)
+    assert second.flush(60)
+    second.close()
+    assert_exactly_once(client, run_id, 100)
+    assert sync(second.spool_path, tracking_uri=uri).sent == 0
+
+
+def test_strict_mode_raises_from_flush_and_close(store, tmp_path, monkeypatch):
+    _uri, _client, run_id = store
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    sink = MlflowSink(run_id, f"http://127.0.0.1:{free_port()}", spool_dir=tmp_path / "spool",
+                      max_backoff_s=0.05)
+    sink.start()
+    sink.log_points(make_points(10)[0])  # the training thread is never interrupted
+    with pytest.raises(SinkError, match="MLflow unreachable"):
+        sink.flush(timeout_s=30)
+    with pytest.raises(SinkError):
+        sink.close(timeout_s=0.2)
+    sink.close()  # idempotent, no second raise
+
+
+def test_unwritable_spool_warns_and_still_delivers(store, tmp_path, monkeypatch):
+    uri, client, run_id = store
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")  # a file where a directory should be: unwritable even as root
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    sink = MlflowSink(run_id, uri, spool_dir=blocker / "spool", flush_interval_s=0.05)
+    with pytest.warns(WattlogWarning, match="cannot write the spool"):
+        sink.start()
+    for step_points in make_points(20):
+        sink.log_points(step_points)
+    assert sink.flush(60)
+    sink.close()
+    assert_exactly_once(client, run_id, 20)
+
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    with pytest.raises(SinkError, match="cannot write the spool"):
+        MlflowSink(run_id, uri, spool_dir=blocker / "spool").start()
+
+
+def test_credentials_never_reach_spool_warnings_or_errors(store, tmp_path, lenient, monkeypatch):
+    _uri, _client, run_id = store
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-canary-9876")
+    canary = f"https://user:s3cr3t@127.0.0.1:{free_port()}"
+    assert redact_uri(canary) == canary.replace("user:s3cr3t@", "")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink = MlflowSink(run_id, canary, spool_dir=tmp_path / "spool", max_backoff_s=0.05)
+        sink.start()
+        sink.log_points(make_points(3)[0])
+        sink.flush(timeout_s=1.0)
+        sink.set_tags({"energy.degraded": "no"})
+        sink.close(timeout_s=0.1)
+    texts = [str(w.message) for w in rec]
+    assert unreachable_warnings(rec) and any("could not log tags" in t for t in texts)
+    spool_text = sink.spool_path.read_text()
+    assert json.loads(spool_text.splitlines()[0])["tracking_uri"] == redact_uri(canary)
+    for text in [*texts, spool_text]:
+        assert "s3cr3t" not in text and "tok-canary-9876" not in text
+
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    strict = MlflowSink(run_id, canary, spool_dir=tmp_path / "spool2", max_backoff_s=0.05)
+    strict.start()
+    strict.log_points(make_points(1)[0])
+    with pytest.raises(SinkError) as err:
+        strict.flush(timeout_s=30)
+    assert "s3cr3t" not in str(err.value) and err.value.__cause__ is None
+    with pytest.raises(SinkError):
+        strict.close(timeout_s=0.1)
+
+
+def test_permanently_rejected_point_is_dropped_alone(store, tmp_path, lenient):
+    uri, client, run_id = store
+
+    class PickyClient(FlakyClient):
+        def log_batch(self, run_id, metrics=(), **kw):
+            if any(m.value == 1003.0 for m in metrics):  # energy/k1 at step 3
+                raise MlflowException("bad value", error_code="INVALID_PARAMETER_VALUE")
+            return super().log_batch(run_id, metrics=metrics, **kw)
+
+    picky = PickyClient(uri)
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", _client_factory=lambda u: picky)
+    sink.start()
+    for step_points in make_points(10):
+        sink.log_points(step_points)
+    with pytest.warns(WattlogWarning, match="MLflow rejected energy/k1=1003.0 at step 3"):
+        assert sink.flush(60)
+    sink.close()
+    counts = history_counts(client, run_id)
+    assert counts == {**dict.fromkeys(KEYS, 10), "energy/k1": 9}
+    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 50)]
+
+
+def test_bad_keys_and_non_finite_values(store, tmp_path, monkeypatch):
+    uri, client, run_id = store
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    with pytest.raises(ConfigError, match="key"):
+        sink.log_points([Point("energy/bad key!", 1.0, 0, 0)])
+    with pytest.raises(ConfigError):
+        sink.log_points([Point("../escape", 1.0, 0, 0)])
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    with pytest.raises(SinkError, match="non-finite"):
+        sink.log_points([Point("energy/power_w", float("nan"), 0, 0)])
+    monkeypatch.delenv("WATTLOG_STRICT")
+    sink.start()
+    with pytest.warns(WattlogWarning, match="non-finite") as rec:
+        sink.log_points([Point("energy/power_w", float("inf"), 1, 1), Point("energy/power_w", 5.0, 1, 1)])
+        sink.log_points([Point("energy/power_w", float("nan"), 2, 2)])
+    assert len(rec) == 1
+    assert sink.flush(60)
+    sink.close()
+    assert [m.value for m in client.get_metric_history(run_id, "energy/power_w")] == [5.0]
+
+
+def test_params_tags_artifact_and_summary(store, tmp_path):
+    uri, client, run_id = store
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    sink.start()
+    sink.log_params({"energy.gpu_count": 2, "energy.pue": 1.2})
+    sink.set_tags({"energy.degraded": "cpu: rapl unreadable"})
+    trace = tmp_path / "trace.csv"
+    trace.write_text("step,j\n0,1.0\n")
+    sink.log_artifact(trace, "energy")
+    sink.log_summary_metrics({"energy/gpu_kwh": 0.25, "energy/duration_s": 12.0}, step=7)
+    assert sink.flush(60)
+    sink.close()
+    run = client.get_run(run_id)
+    assert run.data.params == {"energy.gpu_count": "2", "energy.pue": "1.2"}
+    assert run.data.tags["energy.degraded"] == "cpu: rapl unreadable"
+    assert run.data.metrics["energy/gpu_kwh"] == 0.25
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "energy/duration_s")] == [(7, 12.0)]
+    assert [f.path for f in client.list_artifacts(run_id, "energy")] == ["energy/trace.csv"]
+
+
+def test_rejects_bad_configuration():
+    with pytest.raises(ConfigError, match="batch_size"):
+        MlflowSink("abc", batch_size=0)
+    with pytest.raises(ConfigError, match="flush_interval_s"):
+        MlflowSink("abc", flush_interval_s=0)
+    with pytest.raises(ConfigError, match="run_id"):
+        MlflowSink("")
+
+
+# --------------------------------------------------------------------- a real tracking server
+
+
+def _start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+           "--default-artifact-root", (db.parent / "artifacts").as_uri(),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    _kill(proc)
+    raise RuntimeError("mlflow server did not become healthy")
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: uvicorn workers go too
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_real_server_killed_and_restarted_mid_stream(tmp_path, lenient):
+    db = tmp_path / "server.db"
+    local = MlflowClient(f"sqlite:///{db}")
+    exp = local.create_experiment("srv", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = local.create_run(exp).info.run_id
+    port = free_port()
+    proc = None
+    try:
+        proc = _start_server(db, port, tmp_path / "server.log")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            sink = MlflowSink(run_id, f"http://127.0.0.1:{port}", spool_dir=tmp_path / "spool",
+                              batch_size=25, flush_interval_s=0.05, max_backoff_s=0.2)
+            sink.start()
+            steps = make_points(400)
+            for s in range(200):
+                sink.log_points(steps[s])
+                time.sleep(0.002)
+            _kill(proc)  # crash mid-stream
+            for s in range(200, 300):
+                sink.log_points(steps[s])
+            time.sleep(0.5)
+            proc = _start_server(db, port, tmp_path / "server.log")
+            for s in range(300, 400):
+                sink.log_points(steps[s])
+            assert sink.flush(timeout_s=120)
+            sink.close()
+        assert len(unreachable_warnings(rec)) == 1
+    finally:
+        _kill(proc)
+    assert_exactly_once(local, run_id, 400)
