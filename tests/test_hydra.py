@@ -60,7 +60,8 @@ def test_user_defaults_line_composes_and_lists_options(composer) -> None:
     cfg = composer("app")
     assert cfg.lr == 0.1
     assert cfg.energy._target_ == "wattlog.EnergyMonitor"
-    assert (cfg.energy.gpus, cfg.energy.cpu.name, cfg.energy.ram.name, cfg.energy.enabled) == ("auto", "auto", "auto", True)
+    energy = cfg.energy
+    assert (energy.gpus, energy.cpu.name, energy.ram.name, energy.enabled) == ("auto", "auto", "auto", True)
     loader = GlobalHydra.instance().config_loader()
     assert loader.get_group_options("energy") == ENERGY_OPTIONS
     assert "energy_sweep" in loader.get_group_options("hydra/callbacks")
@@ -213,7 +214,8 @@ def test_mlflow_run_kwargs_outside_a_sweep(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_overrides_as_params() -> None:
-    assert wh.overrides_as_params(["+a.b=1", "~c", "db@x=y", "m=1,2"]) == {"a.b": "1", "db_x": "y", "m": "1,2"}
+    params = wh.overrides_as_params(["+a.b=1", "~c", "db@x=y", "m=1,2"])
+    assert params == {"a.b": "1", "db_x": "y", "m": "1,2"}
 
 
 # --------------------------------------------------------------- EnergySweepCallback, in process
@@ -221,7 +223,13 @@ def test_overrides_as_params() -> None:
 
 def _fake_multirun_config(sweep_dir: Path, overrides: list[str]) -> OmegaConf:
     return OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(sweep_dir)}, "overrides": {"task": overrides}, "runtime": {"cwd": str(sweep_dir)}}}
+        {
+            "hydra": {
+                "sweep": {"dir": str(sweep_dir)},
+                "overrides": {"task": overrides},
+                "runtime": {"cwd": str(sweep_dir)},
+            }
+        }
     )
 
 
@@ -259,11 +267,14 @@ RUNS = {
 }
 
 
-def test_sweep_callback_summary_pareto_and_child_linking(tmp_path: Path, job_hydra_config, monkeypatch) -> None:
+def test_sweep_callback_summary_pareto_and_child_linking(
+    tmp_path: Path, job_hydra_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
     sweep_dir = tmp_path / "sweep"
     cb = wh.EnergySweepCallback(experiment_name="sweep-test", tracking_uri=uri, metric="acc", mode="max")
     cb.on_multirun_start(_fake_multirun_config(sweep_dir, ["lr=0.1,0.01", "+tag=x"]))
@@ -327,6 +338,7 @@ def test_sweep_callback_summary_pareto_and_child_linking(tmp_path: Path, job_hyd
 
 
 def test_sweep_callback_failure_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     cb = wh.EnergySweepCallback(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", metric="acc", mode="max")
     config = _fake_multirun_config(tmp_path / "no-sweep-here", [])
     monkeypatch.setenv("WATTLOG_STRICT", "1")
@@ -337,6 +349,26 @@ def test_sweep_callback_failure_policy(tmp_path: Path, monkeypatch: pytest.Monke
         warnings.simplefilter("always")
         cb.on_multirun_end(config)
     assert any(issubclass(w.category, WattlogWarning) and "summarise" in str(w.message) for w in caught)
+
+
+def test_aborted_sweep_ends_parent_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cb = wh.EnergySweepCallback(experiment_name="abort", tracking_uri=uri, metric="acc", mode="max")
+    cb.on_multirun_start(_fake_multirun_config(tmp_path / "sweep", ["lr=1,2"]))
+    client = MlflowClient(uri)
+    parent = client.get_run(cb.parent_run_id)
+    child = client.create_run(parent.info.experiment_id, tags={"mlflow.parentRunId": cb.parent_run_id})
+    client.log_metric(child.info.run_id, "acc", 0.5)
+    client.log_metric(child.info.run_id, "energy/total_kwh", 0.1)
+    cb._at_exit()  # what atexit runs when a failed job made Hydra skip on_multirun_end
+    parent = client.get_run(cb.parent_run_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["wattlog.best_by_metric"] == child.info.run_id
+    assert {a.path for a in client.list_artifacts(cb.parent_run_id, "sweep")} >= {"sweep/summary.csv"}
+    cb._at_exit()  # idempotent
 
 
 def test_sweep_callback_validates_its_config() -> None:

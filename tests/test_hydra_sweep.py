@@ -117,14 +117,19 @@ def _check_sweep(s: dict[str, Any], n_jobs: int, swept: list[str]) -> None:
 def joblib_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     return _run_sweep(
-        tmp_path_factory.mktemp("joblib"), "model.hidden=2,8,32", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
+        tmp_path_factory.mktemp("joblib"),
+        "model.hidden=2,8,32",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
     )
 
 
 @pytest.fixture(scope="module")
 def optuna_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    return _run_sweep(tmp_path_factory.mktemp("optuna"), "--config-name=hydra_toy_optuna", "hydra.sweeper.n_trials=4")
+    return _run_sweep(
+        tmp_path_factory.mktemp("optuna"), "--config-name=hydra_toy_optuna", "hydra.sweeper.n_trials=4"
+    )
 
 
 def test_joblib_grid_sweep_parent_children_pareto(joblib_sweep: dict[str, Any]) -> None:

@@ -181,6 +181,15 @@ def test_resume_continues_totals(mlflow_uri, tmp_path):
     assert second.state_dict()["total_j"] > saved["total_j"]
 
 
+def test_nvml_config_fails_clearly_on_cpu(mlflow_uri, tmp_path):
+    from wattlog.errors import SourceUnavailable
+
+    pl, module = make_module()
+    monitor = EnergyMonitor(gpus="auto", cpu="none", ram="none", require_gpu_counter=True)
+    with pytest.raises(SourceUnavailable, match="not a CUDA GPU"):
+        _fit(pl, module, monitor, mlflow_uri, tmp_path, steps=2)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -19,6 +20,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from wattlog.errors import ConfigError, SinkError, WattlogWarning  # noqa: E402
@@ -28,9 +30,18 @@ from wattlog.sinks.spool import ack_file, read_acks  # noqa: E402
 KEYS = [f"energy/k{j}" for j in range(5)]
 
 
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated MLflow sqlite database (creating one takes seconds; copying it does not)."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> tuple[str, MlflowClient, str]:
+def store(tmp_path: Path, template_db: Path) -> tuple[str, MlflowClient, str]:
     """A sqlite tracking store with one active run: (uri, client, run_id)."""
+    shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("wattlog-test", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -93,7 +104,7 @@ class FlakyClient:
             self.fail -= 1
             if self.deliver_then_fail:
                 self.real.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
-            raise MlflowException("connection reset by peer", error_code="TEMPORARILY_UNAVAILABLE")
+            raise MlflowException("connection reset by peer", error_code=TEMPORARILY_UNAVAILABLE)
         return self.real.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
 
     def __getattr__(self, name):
@@ -191,7 +202,7 @@ def test_memory_bound_spills_to_spool_and_reads_back(store, tmp_path, lenient):
     class GatedClient(FlakyClient):
         def log_batch(self, run_id, **kw):
             if not gate.is_set():
-                raise MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+                raise MlflowException("503 Service Unavailable", error_code=TEMPORARILY_UNAVAILABLE)
             return super().log_batch(run_id, **kw)
 
     gated = GatedClient(uri)
@@ -306,7 +317,7 @@ def test_permanently_rejected_point_is_dropped_alone(store, tmp_path, lenient):
     class PickyClient(FlakyClient):
         def log_batch(self, run_id, metrics=(), **kw):
             if any(m.value == 1003.0 for m in metrics):  # energy/k1 at step 3
-                raise MlflowException("bad value", error_code="INVALID_PARAMETER_VALUE")
+                raise MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)
             return super().log_batch(run_id, metrics=metrics, **kw)
 
     picky = PickyClient(uri)
@@ -325,11 +336,11 @@ def test_permanently_rejected_point_is_dropped_alone(store, tmp_path, lenient):
 def test_bad_keys_and_non_finite_values(store, tmp_path, monkeypatch):
     uri, client, run_id = store
     sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
     with pytest.raises(ConfigError, match="key"):
         sink.log_points([Point("energy/bad key!", 1.0, 0, 0)])
     with pytest.raises(ConfigError):
         sink.log_points([Point("../escape", 1.0, 0, 0)])
-    monkeypatch.setenv("WATTLOG_STRICT", "1")
     with pytest.raises(SinkError, match="non-finite"):
         sink.log_points([Point("energy/power_w", float("nan"), 0, 0)])
     monkeypatch.delenv("WATTLOG_STRICT")
@@ -337,6 +348,10 @@ def test_bad_keys_and_non_finite_values(store, tmp_path, monkeypatch):
     with pytest.warns(WattlogWarning, match="non-finite") as rec:
         sink.log_points([Point("energy/power_w", float("inf"), 1, 1), Point("energy/power_w", 5.0, 1, 1)])
         sink.log_points([Point("energy/power_w", float("nan"), 2, 2)])
+    assert len(rec) == 1
+    with pytest.warns(WattlogWarning, match="invalid MLflow metric key") as rec:
+        sink.log_points([Point("energy/bad key!", 1.0, 0, 0)])
+        sink.log_points([Point("energy/bad key!", 1.0, 0, 0)])
     assert len(rec) == 1
     assert sink.flush(60)
     sink.close()
@@ -403,8 +418,9 @@ def _kill(proc: subprocess.Popen | None) -> None:
 
 
 @pytest.mark.slow
-def test_real_server_killed_and_restarted_mid_stream(tmp_path, lenient):
+def test_real_server_killed_and_restarted_mid_stream(tmp_path, template_db, lenient):
     db = tmp_path / "server.db"
+    shutil.copy(template_db, db)
     local = MlflowClient(f"sqlite:///{db}")
     exp = local.create_experiment("srv", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = local.create_run(exp).info.run_id

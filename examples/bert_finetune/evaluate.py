@@ -43,6 +43,20 @@ def check(cfg: DictConfig) -> str:
     return device
 
 
+def warmup(model: Any, data: Any, batches: int, device: str) -> None:
+    """Run ``batches`` unmetered forward passes on the first test batches (kernel selection, caches)."""
+    import torch  # noqa: PLC0415
+
+    if batches <= 0:
+        return
+    model.to(device)
+    with torch.inference_mode():
+        for i, batch in enumerate(data.test_dataloader()):
+            if i >= batches:
+                break
+            model(**{k: v.to(device) for k, v in batch.items()})
+
+
 def evaluate(cfg: DictConfig, logger: Any) -> dict[str, float]:
     """Compress the checkpoint ``cfg.checkpoint_dir`` per ``cfg.prune``/``cfg.quantize`` and test it."""
     import lightning.pytorch as pl  # noqa: PLC0415
@@ -79,6 +93,7 @@ def evaluate(cfg: DictConfig, logger: Any) -> dict[str, float]:
     }
     logger.log_metrics(stats)
 
+    warmup(model, data, int(cfg.get("eval", {}).get("warmup_batches", 1)), device)
     timer = LatencyTimer()
     trainer = build_trainer(cfg, logger, [*callbacks, timer], precision="32-true")
     trainer.test(SentimentClassifier(model), datamodule=data, verbose=False)

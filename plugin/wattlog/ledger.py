@@ -32,7 +32,11 @@ class StepLabel:
 
 @dataclass
 class StepRecord:
-    """Energy of one step (or one non-step stretch, stage ``other``) on one or more ranks."""
+    """Energy of one step (or one non-step stretch, stage ``other``) on one or more ranks.
+
+    ``start_s``/``end_s`` and ``wall_s`` come from rank 0's clock only (clocks of other nodes
+    are not comparable); ``wall_s`` is 0 for a record of another rank.
+    """
 
     stage: str
     step: int
@@ -41,10 +45,11 @@ class StepRecord:
     energy_j: dict[str, float]
     samples: int = 0
     ranks: int = 1
+    wall_s: float = 0.0
 
     @property
     def duration_s(self) -> float:
-        return max(0.0, self.end_s - self.start_s)
+        return self.wall_s
 
     @property
     def total_j(self) -> float:
@@ -53,7 +58,7 @@ class StepRecord:
     def to_dict(self) -> dict[str, object]:
         return {
             "stage": self.stage, "step": self.step, "start_s": self.start_s, "end_s": self.end_s,
-            "energy_j": dict(self.energy_j), "samples": self.samples, "ranks": self.ranks,
+            "energy_j": dict(self.energy_j), "samples": self.samples, "ranks": self.ranks, "wall_s": self.wall_s,
         }
 
     @classmethod
@@ -68,8 +73,9 @@ class StepAggregator:
     it may still grow (gradient accumulation runs several batches per optimizer step).
     """
 
-    def __init__(self, domain_prefix: str = "") -> None:
+    def __init__(self, domain_prefix: str = "", rank: int = 0) -> None:
         self._prefix = domain_prefix
+        self._rank = rank
         self._current: StepRecord | None = None
 
     def add(self, segments: Iterable[Segment]) -> list[StepRecord]:
@@ -82,15 +88,17 @@ class StepAggregator:
                 stage, step, samples = "other", -1, 0
             energy = {self._prefix + k: v for k, v in seg.energy_j.items()}
             cur = self._current
+            wall_s = seg.duration_s if self._rank == 0 else 0.0
             if cur is not None and cur.stage == stage and cur.step == step:
                 cur.end_s = seg.end_s
+                cur.wall_s += wall_s
                 cur.samples += samples
                 for k, v in energy.items():
                     cur.energy_j[k] = cur.energy_j.get(k, 0.0) + v
                 continue
             if cur is not None:
                 done.append(cur)
-            self._current = StepRecord(stage, step, seg.start_s, seg.end_s, energy, samples)
+            self._current = StepRecord(stage, step, seg.start_s, seg.end_s, energy, samples, 1, wall_s)
         return done
 
     def finish(self) -> list[StepRecord]:
@@ -148,16 +156,17 @@ class EnergyLedger:
         """Add records from any rank; return ``(step, metrics)`` for each completed train step."""
         points: list[tuple[int, dict[str, float]]] = []
         for rec in records:
-            if self.world_size > 1 and rec.stage != "other":
+            if self.world_size > 1 and rec.stage != "other":  # "other" stretches need no merging
                 key = (rec.stage, rec.step)
                 merged = self._pending.get(key)
                 if merged is None:
                     self._pending[key] = StepRecord(rec.stage, rec.step, rec.start_s, rec.end_s,
-                                                    dict(rec.energy_j), rec.samples, rec.ranks)
+                                                    dict(rec.energy_j), rec.samples, rec.ranks, rec.wall_s)
                     merged = self._pending[key]
                 else:
-                    merged.start_s = min(merged.start_s, rec.start_s)
-                    merged.end_s = max(merged.end_s, rec.end_s)
+                    if rec.wall_s > 0:  # rank 0's record carries the clock
+                        merged.start_s, merged.end_s = rec.start_s, rec.end_s
+                    merged.wall_s += rec.wall_s
                     merged.samples += rec.samples
                     merged.ranks += rec.ranks
                     for k, v in rec.energy_j.items():
@@ -193,7 +202,7 @@ class EnergyLedger:
             s.stage_j[rec.stage] = s.stage_j.get(rec.stage, 0.0) + total_j
             s.stage_samples[rec.stage] = s.stage_samples.get(rec.stage, 0) + rec.samples
             s.stage_duration_s[rec.stage] = s.stage_duration_s.get(rec.stage, 0.0) + rec.duration_s
-        s.duration_s += rec.duration_s / max(1, rec.ranks)
+        s.duration_s += rec.wall_s
         self.trace.append(rec)
         if rec.stage != "train":
             return None

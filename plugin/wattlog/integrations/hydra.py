@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -38,6 +37,7 @@ from wattlog.integrations.hydra_sweep import (
     SWEEP_CALLBACK_TARGET,
     SWEEP_FILE,
     EnergySweepCallback,
+    overrides_as_params,
     read_sweep_file,
 )
 
@@ -144,7 +144,9 @@ def _energy_node(cfg: Any) -> Any:
         return cfg["energy"]
     if "_target_" in cfg or "enabled" in cfg:
         return cfg
-    raise ConfigError("energy", "<missing>", "a config with an `energy` node: add `- energy: default` to defaults")
+    raise ConfigError(
+        "energy", "<missing>", "a config with an `energy` node: add `- energy: default` to defaults"
+    )
 
 
 def _validated(node: Any) -> DictConfig:
@@ -224,7 +226,8 @@ def energy_kwargs(cfg: Any) -> dict[str, Any] | None:
         try:
             kwargs["batch_size_fn"] = get_method(path)
         except Exception as exc:
-            raise ConfigError("energy.batch_size_fn", path, "the dotted path of a callable batch -> int") from exc
+            allowed = "the dotted path of a callable batch -> int"
+            raise ConfigError("energy.batch_size_fn", path, allowed) from exc
     return kwargs
 
 
@@ -308,28 +311,12 @@ def job_overrides() -> list[str]:
     return [str(o) for o in hc.overrides.task]
 
 
-_PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
-
-
-def overrides_as_params(overrides: list[str]) -> dict[str, str]:
-    """``["+a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; keys made valid MLflow param names."""
-    params: dict[str, str] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            continue
-        key = _PARAM_KEY_BAD.sub("_", key.lstrip("+~"))
-        params[key] = value[:6000]
-    return params
-
-
 def _cfg_get(cfg: Any, key: str) -> Any:
     if cfg is None:
         return None
-    try:
-        return OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else _dict_select(cfg, key)
-    except Exception:  # noqa: BLE001 - a missing/odd node just means "not configured"
-        return None
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.select(cfg, key, default=None)
+    return _dict_select(cfg, key)
 
 
 def _dict_select(cfg: Mapping, key: str) -> Any:
@@ -389,7 +376,12 @@ def mlflow_run_kwargs(
             tags["wattlog.job_num"] = str(hc.job.num)
             if run_name is None:
                 run_name = f"#{hc.job.num} " + " ".join(overrides) if overrides else f"#{hc.job.num}"
-    return {"experiment_name": experiment_name, "tracking_uri": tracking_uri, "run_name": run_name, "tags": tags}
+    return {
+        "experiment_name": experiment_name,
+        "tracking_uri": tracking_uri,
+        "run_name": run_name,
+        "tags": tags,
+    }
 
 
 def make_mlflow_logger(
@@ -410,7 +402,9 @@ def make_mlflow_logger(
     except ImportError:  # pragma: no cover - the pytorch_lightning package only
         from pytorch_lightning.loggers import MLFlowLogger
 
-    kwargs = mlflow_run_kwargs(cfg, experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri)
+    kwargs = mlflow_run_kwargs(
+        cfg, experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri
+    )
     logger = MLFlowLogger(**kwargs, **logger_kwargs)
     params = overrides_as_params(job_overrides())
     if params:

@@ -6,26 +6,34 @@ Imports Hydra's callback base only; mlflow and matplotlib are imported when a sw
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import math
 import os
 import re
+import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from wattlog.errors import ConfigError, SinkError, degrade
+from wattlog.errors import ConfigError, SinkError, WattlogWarning, degrade
 from wattlog.pareto import pareto_mask
 
 SWEEP_FILE = ".wattlog_sweep.json"
 SWEEP_CALLBACK_TARGET = "wattlog.integrations.hydra.EnergySweepCallback"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ENERGY_KEY = "energy/total_kwh"
-SUMMARY_METRICS = ("energy/total_kwh", "energy/emissions_g", "energy/j_per_sample", "energy/test_j_per_sample")
+SUMMARY_METRICS = (
+    "energy/total_kwh",
+    "energy/emissions_g",
+    "energy/j_per_sample",
+    "energy/test_j_per_sample",
+)
 _PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -37,6 +45,16 @@ def absolute_tracking_uri(uri: str) -> str:
         if rel and rel != ":memory:":
             return prefix + str(Path(rel).resolve())
     return uri
+
+
+def overrides_as_params(overrides: list[str]) -> dict[str, str]:
+    """``["+a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; keys made valid MLflow param names."""
+    params: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep:
+            params[_PARAM_KEY_BAD.sub("_", key.lstrip("+~"))] = value[:6000]
+    return params
 
 
 def read_sweep_file(path: Path) -> dict[str, Any] | None:
@@ -70,7 +88,8 @@ class EnergySweepCallback(Callback):
           ``on_front``), ``sweep/pareto.csv`` (the front, by ascending energy), ``sweep/pareto.png``.
 
     Failures warn (Hydra would turn a raised error into a warning anyway); under
-    ``WATTLOG_STRICT=1`` they raise ``SinkError``.
+    ``WATTLOG_STRICT=1`` they raise ``SinkError``. When a failed job aborts the multirun (Hydra then
+    skips ``on_multirun_end``), the parent is summarised and ended as FAILED at interpreter exit.
 
     Args:
         experiment_name: MLflow experiment of the parent and of every job.
@@ -91,7 +110,9 @@ class EnergySweepCallback(Callback):
         if mode not in ("max", "min"):
             raise ConfigError("hydra.callbacks.energy_sweep.mode", mode, ("max", "min"))
         if not metric:
-            raise ConfigError("hydra.callbacks.energy_sweep.metric", metric, "a metric name such as 'val_acc'")
+            raise ConfigError(
+                "hydra.callbacks.energy_sweep.metric", metric, "a metric name such as 'val_acc'"
+            )
         self.experiment_name = str(experiment_name)
         self.tracking_uri = absolute_tracking_uri(
             tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -101,6 +122,7 @@ class EnergySweepCallback(Callback):
         self.run_name = run_name
         self.parent_run_id: str | None = None
         self.sweep_dir: Path | None = None
+        self._ended = False
 
     # ------------------------------------------------------------------ Hydra hooks
 
@@ -113,10 +135,26 @@ class EnergySweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Read the children back, log the summary and Pareto front to the parent, end it."""
+        self._ended = True
+        atexit.unregister(self._at_exit)
         try:
             self._finish(config)
         except Exception as exc:  # noqa: BLE001 - failure policy: warn, or raise when strict
             degrade(f"could not summarise the sweep into MLflow: {exc}", exc, error=SinkError)
+
+    def _at_exit(self) -> None:
+        """A job failed and Hydra aborted the sweep before ``on_multirun_end``: summarise what ran
+        and end the parent run as FAILED instead of leaving it RUNNING."""
+        if self._ended or self.parent_run_id is None:
+            return
+        self._ended = True
+        try:
+            if self._client().get_run(self.parent_run_id).info.status != "RUNNING":
+                return  # ended by another callback instance
+            self._finish(None, status="FAILED")
+        except Exception as exc:  # noqa: BLE001 - at interpreter exit a warning is all we can do
+            message = f"wattlog: could not end the sweep's parent run: {exc}"
+            warnings.warn(message, WattlogWarning, stacklevel=1)
 
     # ------------------------------------------------------------------ internals
 
@@ -128,15 +166,17 @@ class EnergySweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_absolute():
-            sweep_dir = Path(str(OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd())) / sweep_dir
+            cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
+            sweep_dir = Path(str(cwd)) / sweep_dir
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.sweep_dir = sweep_dir
         overrides = [str(o) for o in config.hydra.overrides.task]
         client = self._client()
         experiment = client.get_experiment_by_name(self.experiment_name)
-        experiment_id = (
-            experiment.experiment_id if experiment is not None else client.create_experiment(self.experiment_name)
-        )
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            experiment_id = client.create_experiment(self.experiment_name)
         sweep_id = uuid.uuid4().hex[:16]
         run = client.create_run(
             experiment_id,
@@ -149,6 +189,7 @@ class EnergySweepCallback(Callback):
             },
         )
         self.parent_run_id = run.info.run_id
+        atexit.register(self._at_exit)
         from mlflow.entities import Param
 
         params = {
@@ -157,11 +198,9 @@ class EnergySweepCallback(Callback):
             "sweep.metric": self.metric,
             "sweep.mode": self.mode,
         }
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if sep:
-                params.setdefault(_PARAM_KEY_BAD.sub("_", key.lstrip("+~")), value)
-        client.log_batch(self.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        for key, value in overrides_as_params(overrides).items():
+            params.setdefault(key, value)
+        client.log_batch(self.parent_run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         record = {
             "parent_run_id": self.parent_run_id,
             "sweep_id": sweep_id,
@@ -175,15 +214,16 @@ class EnergySweepCallback(Callback):
         tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
         tmp.replace(sweep_dir / SWEEP_FILE)
 
-    def _finish(self, config: DictConfig) -> None:
+    def _finish(self, config: DictConfig | None, status: str = "FINISHED") -> None:
         if self.parent_run_id is None:  # e.g. a callback instance rebuilt in another process
+            assert config is not None
             sweep_dir = Path(str(config.hydra.sweep.dir))
             info = read_sweep_file(sweep_dir / SWEEP_FILE)
             if info is None:
                 raise SinkError(f"no parent run: {sweep_dir / SWEEP_FILE} is missing")
             self.parent_run_id, self.sweep_dir = info["parent_run_id"], sweep_dir
         client = self._client()
-        status = "FAILED"
+        final_status, status = status, "FAILED"
         try:
             parent = client.get_run(self.parent_run_id)
             children = _search_children(client, parent.info.experiment_id, self.parent_run_id)
@@ -197,7 +237,7 @@ class EnergySweepCallback(Callback):
             for name in ("summary.csv", "pareto.csv"):
                 client.log_artifact(self.parent_run_id, str(out_dir / name), artifact_path="sweep")
             self._log_bests(client, rows)
-            status = "FINISHED"
+            status = final_status
             try:
                 _plot_pareto(rows, self.metric, self.mode, out_dir / "pareto.png")
                 client.log_artifact(self.parent_run_id, str(out_dir / "pareto.png"), artifact_path="sweep")
@@ -222,8 +262,6 @@ class EnergySweepCallback(Callback):
             "sweep/total_kwh": _nansum(r["energy/total_kwh"] for r in rows),
             "sweep/emissions_g": _nansum(r["energy/emissions_g"] for r in rows),
         }
-        import time
-
         now_ms = int(time.time() * 1000)
         metrics = [Metric(k, v, now_ms, 0) for k, v in values.items()]
         client.log_batch(self.parent_run_id, metrics=metrics, tags=tags)
@@ -311,7 +349,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=columns or ["run_id"])
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+            writer.writerow(
+                {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            )
 
 
 def _plot_pareto(rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> None:
@@ -330,4 +370,6 @@ def _plot_pareto(rows: list[dict[str, Any]], metric: str, mode: str, path: Path)
             "estimated": ["" if e in ("", "none") else e for e in est],
         }
     )
-    plot_pareto(df, metric, mode, path, energy_col=ENERGY_KEY, label_col="label", title="sweep: metric vs energy")
+    plot_pareto(
+        df, metric, mode, path, energy_col=ENERGY_KEY, label_col="label", title="sweep: metric vs energy"
+    )

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from wattlog.errors import ConfigError, NoRunError, WattlogError, degrade, strict_mode
+from wattlog.errors import ConfigError, NoRunError, SourceUnavailable, WattlogError, degrade
 from wattlog.ledger import EnergyLedger, StepAggregator, StepLabel, StepRecord
 
 
@@ -206,6 +206,7 @@ class _EnergyMonitorImpl:
         self._idle_power_w: float | None = None
         self._params_logged = False
         self._last_progress: dict[str, float] = {}
+        self._progress_shown_s = 0.0
         self._mark_cost_s = 0.0
         self._marks = 0
         self._log_every = 1
@@ -258,8 +259,15 @@ class _EnergyMonitorImpl:
             self._sink.start()
         self._intensity = lookup_intensity(self.country, self.region, self.carbon_intensity)
         cpu, ram = (self.cpu, self.ram) if local_rank == 0 else ("none", "none")  # CPU/RAM once per node
+        gpus = self._gpu_selection(trainer)
+        if self.require_gpu_counter and gpus == "none":
+            raise SourceUnavailable(
+                "require_gpu_counter=True (the `nvml` config) but this trainer runs on "
+                f"{getattr(trainer.strategy, 'root_device', 'CPU')}, not a CUDA GPU: train on a GPU "
+                "(accelerator='gpu') or use energy=default / energy=estimate"
+            )
         self._choices = select_sources(
-            self._gpu_selection(trainer), cpu, ram,
+            gpus, cpu, ram,
             require_gpu_counter=self.require_gpu_counter, powercap_root=self.powercap_root,
         )
         self._meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.sample_interval_s)
@@ -280,7 +288,7 @@ class _EnergyMonitorImpl:
                 self._ledger.load_state_dict(self._loaded_state)
         else:
             self._ledger.domain_kinds.update(kinds)
-        self._aggregator = StepAggregator(prefix)
+        self._aggregator = StepAggregator(prefix, self._rank)
         self._stage = None
         if self.idle_baseline_s > 0 and stage == "fit" and self._idle_power_w is None:
             with self._meter.window("idle") as idle:
@@ -328,8 +336,11 @@ class _EnergyMonitorImpl:
                 self._synchronize(trainer)
             self._log_boundary(trainer)
         if self.progress_bar and self._last_progress:
-            pl_module.log("W", self._last_progress["power_w"], prog_bar=True, logger=False)
-            pl_module.log("kWh", self._last_progress["total_kwh"], prog_bar=True, logger=False)
+            now_s = time.perf_counter()
+            if now_s - self._progress_shown_s >= 1.0:  # LightningModule.log costs ~1 ms: once a second
+                self._progress_shown_s = now_s
+                pl_module.log("W", self._last_progress["power_w"], prog_bar=True, logger=False)
+                pl_module.log("kWh", self._last_progress["total_kwh"], prog_bar=True, logger=False)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._mark(StepLabel("val", trainer.global_step))
@@ -373,8 +384,8 @@ class _EnergyMonitorImpl:
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._shutdown(trainer, collective=False)
-        if self._sink is not None:
-            self._sink.flush()
+        if self._sink is not None:  # what is not delivered by then stays spooled and keeps retrying
+            self._sink.flush(timeout_s=10.0)
 
     # -- logging -----------------------------------------------------------------------------
 

@@ -307,14 +307,13 @@ class MlflowSink:
         """Enqueue points for the writer thread (training thread; no I/O).
 
         Raises:
-            ConfigError: a key MLflow would reject.
+            ConfigError: (strict mode only) a key MLflow would reject; otherwise it is skipped with a warning.
             SinkError: (strict mode only) a non-finite value, or the sink is closed.
         """
         ok: list[Point] = []
         for p in points:
-            if p.key not in self._valid_keys:
-                check_key(p.key)
-                self._valid_keys.add(p.key)
+            if p.key not in self._valid_keys and not self._key_ok(p.key):
+                continue
             v = p.value
             if type(v) is not float or type(p.step) is not int or type(p.timestamp_ms) is not int:
                 v = float(v)
@@ -334,6 +333,18 @@ class MlflowSink:
             self._enqueued += len(ok)
             self._pending += len(ok)
         self._wake.set()
+
+    def _key_ok(self, key: str) -> bool:
+        """Check a key once: valid keys are remembered; a bad one raises in strict mode, else warns once."""
+        try:
+            check_key(key)
+        except ConfigError:
+            if strict_mode():
+                raise
+            self._policy(f"key:{key}", f"skipped points with invalid MLflow metric key {key!r}")
+            return False
+        self._valid_keys.add(key)
+        return True
 
     def log_summary_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Enqueue run-level summary metrics (e.g. ``energy/gpu_kwh``) at ``step``, like points."""
@@ -431,7 +442,8 @@ class MlflowSink:
 
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload one file as a run artifact. Failure: warn once, or raise in strict mode."""
-        self._sync_call("artifact", lambda c: c.log_artifact(self._run_id, os.fspath(local_path), artifact_path))
+        local = os.fspath(local_path)
+        self._sync_call("artifact", lambda c: c.log_artifact(self._run_id, local, artifact_path))
 
     # ------------------------------------------------------------------ helpers (caller side)
 
@@ -443,7 +455,8 @@ class MlflowSink:
         except Exception as exc:
             self._policy(
                 f"sync-{what}",
-                f"could not log {what} to MLflow run {self._run_id} at {redact_uri(self._uri)}: {_describe(exc)}",
+                f"could not log {what} to MLflow run {self._run_id} at {redact_uri(self._uri)}: "
+                f"{_describe(exc)}",
             )
 
     def _policy(self, kind: str, message: str) -> None:
@@ -794,8 +807,8 @@ def sync(
                 sent, skipped, rejected_n = sent + s, skipped + k, rejected_n + len(rejected)
                 for seq, p, why in rejected[:1]:
                     warnings.warn(
-                        redact_text(f"wattlog: MLflow rejected {p.key}={p.value} at step {p.step} (seq {seq}) "
-                                    f"from {f}: {why}; dropped"),
+                        redact_text(f"wattlog: MLflow rejected {p.key}={p.value} at step {p.step} "
+                                    f"(seq {seq}) from {f}: {why}; dropped"),
                         WattlogWarning,
                         stacklevel=2,
                     )
@@ -811,7 +824,9 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument("--spool", default=None, help="spool file or directory (default: $WATTLOG_SPOOL_DIR "
                    "or ./.wattlog/spool)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one in each spool)")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: the one in each spool's header)"
+    )
     p.set_defaults(func=_cli_sync)
 
 
@@ -828,5 +843,7 @@ def _cli_sync(args: argparse.Namespace) -> int:
         if saved is None:
             os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
     extra = f"; {result.rejected} rejected by MLflow" if result.rejected else ""
-    print(f"sent {result.sent} points ({result.skipped} already present) from {result.files} spool files{extra}")
+    print(
+        f"sent {result.sent} points ({result.skipped} already present) from {result.files} spool files{extra}"
+    )
     return 0

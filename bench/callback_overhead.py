@@ -1,0 +1,107 @@
+"""Training throughput with and without EnergyMonitor, measured side by side in one process.
+
+Run: .venv/bin/python bench/callback_overhead.py [--steps 1000] [--pairs 3]
+The same CPU fit (an MLP, ~5-20 ms per step, MLFlowLogger on sqlite) alternates without and with
+EnergyMonitor(log_every_n_steps=1, i.e. a point per key per step, the worst case). Reports the
+median throughput ratio (with / without) and the training-thread cost of the callback's hooks per
+step. The monitor reads the fake NVML (2 GPUs, tests/fakes) plus the CPU/RAM estimates.
+Targets (issue 3): ratio >= 0.99, training-thread cost <= 50 us/step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+warnings.filterwarnings("ignore")
+
+from fakes.nvml import FakeGpu, FakeNvml  # noqa: E402
+
+HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_validation_start", "on_validation_end")
+
+
+def timed_monitor(**kwargs):
+    from wattlog import EnergyMonitor
+
+    monitor = EnergyMonitor(**kwargs)
+    monitor.hook_s = 0.0
+    for name in HOOKS:
+        fn = getattr(monitor, name)
+
+        def wrapper(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                monitor.hook_s += time.perf_counter() - t0
+
+        setattr(monitor, name, wrapper)
+    return monitor
+
+
+def fit(steps: int, with_monitor: bool, uri: str, root: str):
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class MLP(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+
+        def training_step(self, batch, _):
+            (x,) = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), x)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    data = DataLoader(TensorDataset(torch.randn(steps * 128, 256)), batch_size=128)
+    callbacks = [timed_monitor(gpus=[0, 1], cpu="estimate", ram="estimate", log_every_n_steps=1)] if with_monitor else []
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=MLFlowLogger("bench", tracking_uri=uri),
+                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root, log_every_n_steps=50)
+    t0 = time.perf_counter()
+    trainer.fit(MLP(), data)
+    elapsed = time.perf_counter() - t0
+    hook_us = 1e6 * callbacks[0].hook_s / steps if callbacks else 0.0
+    return steps / elapsed, hook_us, elapsed / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--pairs", type=int, default=3)
+    args = ap.parse_args()
+    fake = FakeNvml([FakeGpu(power_w=250.0), FakeGpu(power_w=200.0)])
+    sys.modules["pynvml"] = fake.module
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["WATTLOG_SPOOL_DIR"] = os.path.join(tmp, "spool")
+        uri = f"sqlite:///{tmp}/bench.db"
+        fit(50, True, uri, tmp)  # warm-up: imports, sqlite schema
+        ratios, hooks, step_ms = [], [], []
+        for pair in range(args.pairs):
+            order = (False, True) if pair % 2 == 0 else (True, False)  # alternate who goes first
+            result = {flag: fit(args.steps, flag, uri, tmp) for flag in order}
+            (tp_off, _, s_off), (tp_on, hook_us, _) = result[False], result[True]
+            ratios.append(tp_on / tp_off)
+            hooks.append(hook_us)
+            step_ms.append(1e3 * s_off)
+            print(f"pair {pair}: without {tp_off:.1f} it/s, with {tp_on:.1f} it/s, ratio {tp_on / tp_off:.4f}, "
+                  f"callback hooks {hook_us:.1f} us/step")
+    print(f"steps per fit: {args.steps}, step time without monitor: {statistics.median(step_ms):.1f} ms")
+    print(f"median throughput ratio (with/without): {statistics.median(ratios):.4f} (target >= 0.99)")
+    print(f"median training-thread cost of the callback: {statistics.median(hooks):.1f} us/step (target <= 50)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""`wattlog sync`: replaying spool files into MLflow, idempotently, and its CLI exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from wattlog.errors import SinkError, WattlogWarning  # noqa: E402
+from wattlog.sinks import spool as sp  # noqa: E402
+from wattlog.sinks.mlflow import MlflowSink, Point, register_cli, sync  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def store(tmp_path: Path, template_db: Path) -> tuple[str, MlflowClient, str]:
+    """A sqlite tracking store with an experiment: (uri, client, experiment_id)."""
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    return uri, client, client.create_experiment("sync", artifact_location=(tmp_path / "art").as_uri())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_spool(spool_dir: Path, run_id: str, uri: str | None, n: int, key: str = "energy/step_j") -> Path:
+    """A spool file with ``n`` points of ``key`` (value = step), written the way the sink writes it."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    path = sp.spool_file(spool_dir, run_id)
+    lines = [sp.header_line(run_id, uri)]
+    lines += [sp.point_line(i + 1, Point(key, float(i), i, 1_000 + i)) for i in range(n)]
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "energy/step_j") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="wattlog")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_sync_directory_is_idempotent_and_honours_acks(store, tmp_path):
+    uri, client, exp = store
+    run_a, run_b = (client.create_run(exp).info.run_id for _ in range(2))
+    spool_dir = tmp_path / "spool"
+    write_spool(spool_dir, run_a, uri, 30)
+    path_b = write_spool(spool_dir, run_b, uri, 20)
+    sp.ack_file(path_b).write_bytes(b"1 5\n8 10\n")  # already delivered: steps 0-4 and 7-9
+    with path_b.open("ab") as f:
+        f.write(b'{"seq": 21, "k": "energy/step_j", "v": 20.0, "s": 20, "t": 10')  # cut by a crash
+    (spool_dir / "notes.jsonl").write_text('{"something": "else"}\n')
+
+    with pytest.warns(WattlogWarning, match="notes.jsonl"):
+        result = sync(spool_dir)  # tracking URI from the spool headers
+    assert (result.sent, result.skipped, result.files) == (30 + 12, 0, 2)
+    assert steps(client, run_a) == list(range(30))
+    assert steps(client, run_b) == [5, 6] + list(range(10, 20))
+
+    with pytest.warns(WattlogWarning, match="notes.jsonl"):
+        again = sync(spool_dir, tracking_uri=uri)
+    assert (again.sent, again.skipped, again.files) == (0, 0, 2)
+
+
+def test_lost_ack_causes_no_duplicates(store, tmp_path):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    sink.start()
+    for s in range(40):
+        sink.log_points(
+            [Point("energy/step_j", float(s), s, 1_000 + s), Point("energy/power_w", 2.0 * s, s, 1_000 + s)]
+        )
+    assert sink.flush(60)
+    sink.close()
+    sp.ack_file(sink.spool_path).unlink()  # MLflow got the points, the acks were lost
+
+    result = sync(sink.spool_path, tracking_uri=uri)
+    assert (result.sent, result.skipped, result.files) == (0, 80, 1)
+    assert steps(client, run_id) == list(range(40))
+    assert steps(client, run_id, "energy/power_w") == list(range(40))
+    assert sp.read_acks(sp.ack_file(sink.spool_path)).ranges == [(1, 80)]
+    assert sync(sink.spool_path, tracking_uri=uri).skipped == 0
+
+
+def test_partly_delivered_batch_is_completed_without_duplicates(store, tmp_path):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    path = write_spool(tmp_path / "spool", run_id, uri, 10)
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric("energy/step_j", float(i), 1_000 + i, i) for i in range(4)])
+    result = sync(path, tracking_uri=uri)
+    assert (result.sent, result.skipped) == (6, 4)
+    assert steps(client, run_id) == list(range(10))
+
+
+def test_default_spool_dir_and_errors(store, tmp_path, monkeypatch):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    monkeypatch.setenv("WATTLOG_SPOOL_DIR", str(tmp_path / "env-spool"))
+    assert sp.default_spool_dir() == tmp_path / "env-spool"
+    with pytest.raises(FileNotFoundError, match="env-spool"):
+        sync()
+    write_spool(tmp_path / "env-spool", run_id, None, 3)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # no URI in the header: MLflow's default
+    assert sync().sent == 3
+    monkeypatch.delenv("WATTLOG_SPOOL_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert sp.default_spool_dir() == Path(".wattlog") / "spool"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not a spool\n")
+    with pytest.raises(SinkError, match="not a wattlog spool"):
+        sync(bad)
+
+
+def test_unreachable_server_raises_without_credentials(store, tmp_path, monkeypatch):
+    _uri, client, exp = store
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    path = write_spool(tmp_path / "spool", client.create_run(exp).info.run_id, None, 3)
+    with pytest.raises(SinkError, match="cannot sync") as err:
+        sync(path, tracking_uri=f"http://user:s3cr3t@127.0.0.1:{free_port()}")
+    assert "s3cr3t" not in str(err.value)
+    assert not sp.ack_file(path).exists() or sp.read_acks(sp.ack_file(path)).ranges == []
+
+
+def test_cli_sync_exit_codes(store, tmp_path, capsys, monkeypatch):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    path = write_spool(tmp_path / "spool", run_id, uri, 12)
+
+    assert cli(["sync", "--spool", str(path.parent), "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.strip() == "sent 12 points (0 already present) from 1 spool files"
+    assert cli(["sync", "--spool", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == "sent 0 points (0 already present) from 1 spool files"
+
+    assert cli(["sync", "--spool", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing" in err and "Traceback" not in err
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    other = write_spool(tmp_path / "spool2", run_id, None, 2)
+    dead = f"http://user:s3cr3t@127.0.0.1:{free_port()}"
+    assert cli(["sync", "--spool", str(other), "--tracking-uri", dead]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wattlog sync: error: cannot sync") and err.count("\n") == 1
+    assert "s3cr3t" not in err and "Traceback" not in err
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the CLI restored the environment
