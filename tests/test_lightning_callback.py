@@ -207,3 +207,76 @@ def test_bad_arguments_name_the_field(kwargs, field):
         EnergyMonitor(**kwargs)
     assert str(err.value).startswith(f"{field}=")
     assert "allowed" in str(err.value)
+
+
+def test_other_loggers_idle_baseline_and_gradient_accumulation(mlflow_uri, tmp_path):
+    import csv as csv_mod
+
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+    from mlflow import MlflowClient
+
+    pl, module = make_module(step_sleep_s=0.01)
+    mlf = MLFlowLogger(experiment_name="multi", tracking_uri=mlflow_uri)
+    csv_logger = CSVLogger(tmp_path / "csv")
+    monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1, idle_baseline_s=0.2,
+                            artifacts=False)
+    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[monitor], logger=[mlf, csv_logger],
+                         enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu",
+                         enable_progress_bar=False, log_every_n_steps=1)
+    trainer.fit(module, loader(64))
+    # two batches per optimizer step: one point per optimizer step, energy of both batches
+    steps = sorted(m.step for m in metric_history(mlflow_uri, mlf.run_id, "energy/step_j"))
+    assert steps == [1, 2, 3, 4]
+    metrics = MlflowClient(mlflow_uri).get_run(mlf.run_id).data.metrics
+    assert metrics["energy/j_per_sample"] == pytest.approx(metrics["energy/train_kwh"] * 3.6e6 / (8 * 4), rel=1e-6)
+    assert "energy/idle_power_w" in metrics and "energy/dynamic_kwh" in metrics
+    trainer.loggers[1].save()
+    rows = list(csv_mod.DictReader(open(tmp_path / "csv" / "lightning_logs" / "version_0" / "metrics.csv")))
+    logged = {int(r["step"]) for r in rows if r.get("energy/step_j")}
+    assert logged == {1, 2, 3, 4}
+
+
+def test_cuda_boundaries_mark_in_order_when_events_complete():
+    import threading
+    import time
+
+    from wattlog.integrations.cuda_marks import CudaBoundaries
+
+    class FakeEvent:
+        def __init__(self):
+            self.done = threading.Event()
+            self.recorded = False
+
+        def record(self):
+            self.recorded = True
+
+        def synchronize(self):
+            self.done.wait(5)
+
+    events = []
+
+    def factory():
+        events.append(FakeEvent())
+        return events[-1]
+
+    class Meter:
+        def __init__(self):
+            self.marks = []
+
+        def mark(self, label, t):
+            self.marks.append((label, t))
+
+    meter = Meter()
+    marks = CudaBoundaries(meter, event_factory=factory)
+    marks.start()
+    marks.mark("a")
+    marks.mark("b")
+    time.sleep(0.05)
+    assert meter.marks == []  # the GPU has not reached the boundaries yet: nothing marked, nothing blocked
+    events[0].done.set()
+    time.sleep(0.05)
+    events[1].done.set()
+    marks.stop()
+    assert [m[0] for m in meter.marks] == ["a", "b"]
+    assert meter.marks[1][1] - meter.marks[0][1] >= 0.04
+    assert all(e.recorded for e in events)

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from wattlog.errors import ConfigError, SinkError, WattlogWarning  # noqa: E402
 from wattlog.sinks.mlflow import MlflowSink, Point, redact_uri, sync  # noqa: E402
-from wattlog.sinks.spool import ack_file, read_acks  # noqa: E402
+from wattlog.sinks.spool import ack_file, artifacts_dir, read_acks  # noqa: E402
 
 KEYS = [f"energy/k{j}" for j in range(5)]
 
@@ -211,16 +211,27 @@ def test_memory_bound_spills_to_spool_and_reads_back(store, tmp_path, lenient):
         sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", batch_size=40, flush_interval_s=0.02,
                           max_backoff_s=0.02, max_buffer_points=50, _client_factory=lambda u: gated)
         sink.start()
-        for step_points in make_points(100):
+        art = tmp_path / "early.bin"
+        art.write_bytes(b"spilled")
+        for s, step_points in enumerate(make_points(100)):
             sink.log_points(step_points)
+            if s == 5:  # run data early on: it is spilled and read back from the spool like points
+                sink.log_params({"energy.pue": 1.1})
+                sink.set_tags({"energy.estimated": "cpu"})
+                sink.log_artifact(art, "energy")
+                art.unlink()
         assert sink.flush(timeout_s=0.5) is False
-        assert sink.pending_points == 500
+        assert sink.pending_points == 503
         assert len(sink._unsent) <= 50  # the rest lives only in the spool
         gate.set()
         assert sink.flush(timeout_s=60)
         sink.close()
     assert_exactly_once(client, run_id, 100)
-    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 500)]
+    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 503)]
+    run = client.get_run(run_id)
+    assert run.data.params == {"energy.pue": "1.1"} and run.data.tags["energy.estimated"] == "cpu"
+    assert [(f.path, f.file_size) for f in client.list_artifacts(run_id, "energy")] == [("energy/early.bin", 7)]
+    assert list(artifacts_dir(sink.spool_path.parent, run_id).iterdir()) == []  # delivered copies deleted
 
 
 def test_restart_resends_what_a_previous_session_left(store, tmp_path, lenient):
@@ -232,17 +243,19 @@ def test_restart_resends_what_a_previous_session_left(store, tmp_path, lenient):
         first.start()
         for step_points in make_points(50):
             first.log_points(step_points)
+        first.log_params({"energy.gpu_method": "none"})
         first.close(timeout_s=0.3)
-    assert first.pending_points == 250
+    assert first.pending_points == 251
 
     second = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.05)
     second.start()
-    assert second.pending_points == 250
+    assert second.pending_points == 251
     for step_points in make_points(50, step0=50):
         second.log_points(step_points)
     assert second.flush(60)
     second.close()
     assert_exactly_once(client, run_id, 100)
+    assert client.get_run(run_id).data.params == {"energy.gpu_method": "none"}
     assert sync(second.spool_path, tracking_uri=uri).sent == 0
 
 
@@ -294,9 +307,10 @@ def test_credentials_never_reach_spool_warnings_or_errors(store, tmp_path, lenie
         sink.set_tags({"energy.degraded": "no"})
         sink.close(timeout_s=0.1)
     texts = [str(w.message) for w in rec]
-    assert unreachable_warnings(rec) and any("could not log tags" in t for t in texts)
+    assert unreachable_warnings(rec) and any("not delivered" in t for t in texts)
     spool_text = sink.spool_path.read_text()
     assert json.loads(spool_text.splitlines()[0])["tracking_uri"] == redact_uri(canary)
+    assert json.loads(spool_text.splitlines()[-1])["type"] == "tag"  # the tag waits in the spool too
     for text in [*texts, spool_text]:
         assert "s3cr3t" not in text and "tok-canary-9876" not in text
 
@@ -376,6 +390,165 @@ def test_params_tags_artifact_and_summary(store, tmp_path):
     assert run.data.metrics["energy/gpu_kwh"] == 0.25
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "energy/duration_s")] == [(7, 12.0)]
     assert [f.path for f in client.list_artifacts(run_id, "energy")] == ["energy/trace.csv"]
+
+
+class GatedRecordingClient:
+    """Wraps a real client: records (method, thread) of every call; each call first waits for ``gate``."""
+
+    def __init__(self, uri: str) -> None:
+        self.real = MlflowClient(uri)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name):
+        method = getattr(self.real, name)
+
+        def call(*args, **kwargs):
+            self.calls.append((name, threading.current_thread().name))
+            self.entered.set()
+            self.gate.wait(30)
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_outage_run_data_never_blocks_caller_and_sync_delivers_once(store, tmp_path, lenient):
+    uri, client, run_id = store
+    rec_client = GatedRecordingClient(f"http://127.0.0.1:{free_port()}")  # connections refused
+    payload = bytes(range(256)) * 40  # not UTF-8: compared byte for byte
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink = MlflowSink(run_id, "http://dead.invalid", spool_dir=tmp_path / "spool", flush_interval_s=0.05,
+                          max_backoff_s=0.05, _client_factory=lambda u: rec_client)
+        sink.start()
+        sink.log_points(make_points(2)[0])
+        assert sink.flush(timeout_s=0) is False  # ask for a send ...
+        assert rec_client.entered.wait(30)  # ... the writer is now stuck inside a client call
+        sink.log_params({"energy.gpu_count": 2, "energy.pue": 1.2})  # these return while it is stuck
+        sink.set_tags({"energy.degraded": "cpu: rapl unreadable"})
+        with (tmp_path / "tmp").resolve() as tmp:
+            tmp.mkdir()
+            (tmp / "trace.csv").write_bytes(payload)
+            sink.log_artifact(tmp / "trace.csv", "energy")
+            (tmp / "trace.csv").unlink()  # like the callback's TemporaryDirectory
+        rec_client.gate.set()
+        assert sink.flush(timeout_s=0.5) is False
+        sink.close(timeout_s=0.2)
+    assert rec_client.calls and {t for _m, t in rec_client.calls} == {"wattlog-mlflow-writer"}
+    assert unreachable_warnings(rec) and not any("could not log" in str(w.message) for w in rec)
+    assert sink.pending_points == 5 + 2 + 1 + 1
+
+    lines = [json.loads(x) for x in sink.spool_path.read_text().splitlines()[1:]]
+    assert [x.get("type", "point") for x in lines] == ["point"] * 5 + ["param", "param", "tag", "artifact"]
+    assert lines[5] == {"seq": 6, "type": "param", "k": "energy.gpu_count", "v": "2"}
+    art = lines[-1]
+    assert art["p"] == "energy" and art["n"] == len(payload) and art["f"].startswith(f"{run_id}.artifacts/")
+    copy = sink.spool_path.parent / art["f"]
+    assert copy.read_bytes() == payload and stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert stat.S_IMODE(copy.parent.stat().st_mode) == 0o700
+    assert history_counts(client, run_id) == dict.fromkeys(KEYS, 0)
+
+    result = sync(sink.spool_path, tracking_uri=uri)
+    assert result.sent_by_kind == {"point": 5, "param": 2, "tag": 1, "artifact": 1}
+    assert (result.skipped, result.rejected, result.deferred) == (0, 0, 0)
+    run = client.get_run(run_id)
+    assert run.data.params == {"energy.gpu_count": "2", "energy.pue": "1.2"}
+    assert run.data.tags["energy.degraded"] == "cpu: rapl unreadable"
+    assert [(f.path, f.file_size) for f in client.list_artifacts(run_id, "energy")] == [
+        ("energy/trace.csv", len(payload))
+    ]
+    got = Path(client.download_artifacts(run_id, "energy/trace.csv", str(tmp_path)))
+    assert got.read_bytes() == payload
+    assert not copy.exists()  # delivered: the spooled copy is gone
+    again = sync(sink.spool_path, tracking_uri=uri)
+    assert (again.sent, again.skipped, again.rejected) == (0, 0, 0)
+    assert history_counts(client, run_id) == dict.fromkeys(KEYS, 1)
+
+
+def test_conflicting_param_is_rejected_once_not_retried(store, tmp_path, lenient):
+    uri, client, run_id = store
+    client.log_param(run_id, "energy.pue", "1.0")
+    flaky = FlakyClient(uri)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.05,
+                          _client_factory=lambda u: flaky)
+        sink.start()
+        sink.log_params({"energy.pue": 1.2, "energy.gpu_count": 0})
+        sink.log_params({"energy.gpu_count": 0})  # the same value again: nothing to do
+        assert sink.flush(60)
+        calls = flaky.calls
+        assert sink.flush(1)
+        sink.close()
+    assert flaky.calls == calls == 1  # one log_batch (energy.gpu_count), no retry loop
+    texts = [str(w.message) for w in rec]
+    assert sum("rejected param energy.pue='1.2'" in t and "conflict" in t for t in texts) == 1
+    assert client.get_run(run_id).data.params == {"energy.pue": "1.0", "energy.gpu_count": "0"}
+    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 3)]
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    try:
+        strict = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool2")
+        strict.start()
+        strict.log_params({"energy.pue": 2.0})
+        with pytest.raises(SinkError, match="conflict"):
+            strict.flush(60)
+        strict.close()
+    finally:
+        monkeypatch.undo()
+
+
+def test_broken_artifact_store_does_not_hold_back_points(store, tmp_path, lenient):
+    uri, client, run_id = store
+    broken = threading.Event()
+    broken.set()
+
+    class BrokenArtifactStore(FlakyClient):
+        def log_artifact(self, run_id, local_path, artifact_path=None):
+            if broken.is_set():
+                raise MlflowException("S3 access denied", error_code=TEMPORARILY_UNAVAILABLE)
+            return self.real.log_artifact(run_id, local_path, artifact_path)
+
+    flaky = BrokenArtifactStore(uri)
+    art = tmp_path / "power.png"
+    art.write_bytes(b"\x89PNG...")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.05,
+                          _client_factory=lambda u: flaky)
+        sink.start()
+        sink.log_points(make_points(1)[0])
+        sink.log_artifact(art, "energy")
+        for step_points in make_points(10, step0=1):
+            sink.log_points(step_points)
+        assert sink.flush(timeout_s=5) is False  # the artifact is still owed ...
+        assert sink.pending_points == 1
+        assert_exactly_once(client, run_id, 11)  # ... but nothing behind it waited
+        broken.clear()
+        assert sink.flush(timeout_s=60)  # a flush retries it
+        sink.close()
+    assert any("could not upload artifact energy/power.png" in str(w.message) for w in rec)
+    assert [f.path for f in client.list_artifacts(run_id, "energy")] == ["energy/power.png"]
+    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 57)]
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "energy/../../x", "a/./b", "a\\b"])
+def test_artifact_path_is_sanitised(store, tmp_path, monkeypatch, bad):
+    _uri, _client, run_id = store
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    sink = MlflowSink(run_id, "sqlite:///unused.db", spool_dir=tmp_path / "spool")
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    with pytest.raises(ConfigError, match="artifact_path"):
+        sink.log_artifact(src, bad)
+    with pytest.raises(ConfigError, match="local_path"):
+        sink.log_artifact(tmp_path / "missing.txt", "energy")
+    monkeypatch.delenv("WATTLOG_STRICT")
+    with pytest.warns(WattlogWarning, match="artifact_path"):
+        sink.log_artifact(src, bad)
+    assert sink.pending_points == 0 and not (tmp_path / "spool").exists()  # nothing copied anywhere
 
 
 def test_rejects_bad_configuration():

@@ -145,6 +145,8 @@ def _power_series(client: MlflowClient, run_id: str) -> tuple[list[float], dict[
         layers["gpu"] = [gpu.get(s, math.nan) for s in steps]
     if total:
         layers["other"] = [max(total[s] - gpu.get(s, 0.0), 0.0) if s in total else math.nan for s in steps]
+    if not layers:
+        return [], {}, "nowhere: the run has no energy/trace.csv and no energy/power_w history"
     return [float(s) for s in steps], layers, "energy/power_w and energy/gpu_power_w histories"
 
 

@@ -1,17 +1,24 @@
-"""Buffered, batched, failure-tolerant writer of metric points into one MLflow run.
+"""Buffered, batched, failure-tolerant writer of metric points and run data into one MLflow run.
 
 The training thread calls :meth:`MlflowSink.log_points`, which only validates cheaply and appends to
-an in-memory queue. A background writer thread appends every point to a local spool file
-(see :mod:`wattlog.sinks.spool`), sends points with ``MlflowClient.log_batch`` (at most 1000 metrics
-per call) when ``batch_size`` points are waiting or every ``flush_interval_s``, and records what
-MLflow acknowledged in an ack file next to the spool.
+an in-memory queue. :meth:`~MlflowSink.log_params`, :meth:`~MlflowSink.set_tags` and
+:meth:`~MlflowSink.log_artifact` enqueue the same way and return at once; ``log_artifact`` first
+copies the file into the spool on the caller's thread (a local copy, so the caller may delete its
+file as soon as the call returns). A background writer thread appends every record to a local spool
+file (see :mod:`wattlog.sinks.spool`), sends them in order (points with ``MlflowClient.log_batch``, at
+most 1000 metrics per call, when ``batch_size`` points are waiting or every ``flush_interval_s``;
+params and tags with ``log_batch``; artifacts with ``log_artifact``), and records what MLflow
+acknowledged in an ack file next to the spool. Delivered artifact copies are deleted.
 
 Failure policy (DESIGN.md): when MLflow is unreachable the writer retries with exponential backoff
-(0.5 s doubling up to ``max_backoff_s``) without blocking training or dropping points, and warns
+(0.5 s doubling up to ``max_backoff_s``) without blocking training or dropping anything, and warns
 once per outage; ``wattlog sync`` replays whatever is left. Under ``WATTLOG_STRICT=1`` the error is
 raised from the next :meth:`MlflowSink.flush` / :meth:`MlflowSink.close` on the caller's thread.
-A batch that failed (its outcome is unknown) is de-duplicated against the run's metric history
-before it is sent again, so every point lands exactly once.
+A batch that failed (its outcome is unknown) is de-duplicated against the run (metric history, params,
+artifact listing) before it is sent again, so every record lands exactly once. A param that conflicts
+with the run's value is rejected (one warning), never retried. An artifact whose upload fails while
+the tracking server answers (a broken artifact store) does not hold back later records: it is deferred,
+retried at each flush and close, and left to ``wattlog sync`` if it never succeeds.
 
 Non-finite values (NaN, +-inf) are not logged: MLflow's stores disagree on them and they cannot be
 de-duplicated. They are skipped with one warning (strict mode: :class:`SinkError` from ``log_points``).
@@ -23,25 +30,43 @@ first "unreachable" warning. ``wattlog sync`` lowers it to 1 retry unless the va
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import math
 import os
 import posixpath
 import re
-import sys
+import tempfile
 import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from wattlog.errors import ConfigError, SinkError, WattlogWarning, strict_mode
 from wattlog.sinks import spool as _spool
-from wattlog.sinks.spool import Point, default_spool_dir, redact_text, redact_uri
+from wattlog.sinks.spool import (
+    ArtifactRecord,
+    Point,
+    Record,
+    RunRecord,
+    default_spool_dir,
+    redact_text,
+    redact_uri,
+)
+from wattlog.sinks.sync import (
+    MAX_METRICS_PER_BATCH,
+    ClientFactory,
+    Deliverer,
+    SyncResult,
+    default_client_factory,
+    describe,
+    describe_record,
+    register_cli,
+    resolve_uri,
+    sync,
+)
 
 __all__ = [
     "MlflowSink",
@@ -53,57 +78,16 @@ __all__ = [
     "sync",
 ]
 
-MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-_MAX_PARAMS_PER_BATCH = 100
 _FIRST_BACKOFF_S = 0.5
 _KEY_RE = re.compile(r"^[/\w.\- :]+$")
 _MAX_KEY_LEN = 250
 
-ClientFactory = Callable[[str], Any]
-
-
-@dataclass(frozen=True)
-class SyncResult:
-    """What :func:`sync` did: points sent, points already in MLflow, spool files read, points rejected."""
-
-    sent: int
-    skipped: int
-    files: int
-    rejected: int = 0
-
-
-def _default_client_factory(tracking_uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _resolve_uri(tracking_uri: str | None) -> str:
-    if tracking_uri:
-        return tracking_uri
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def _is_permanent(exc: BaseException) -> bool:
-    """A 4xx-style rejection of the request's content (not of the connection or the server)."""
-    return getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    if len(first) > 300:
-        first = first[:300] + "..."
-    return redact_text(f"{type(exc).__name__}: {first}")
-
 
 def check_key(key: object) -> None:
-    """Cheap check of a metric key against MLflow's naming rules.
+    """Cheap check of a metric, param or tag key against MLflow's naming rules.
 
     Raises:
-        ConfigError: the key is not a string MLflow accepts as a metric name.
+        ConfigError: the key is not a string MLflow accepts as a metric, param or tag name.
     """
     allowed = "non-empty str of <= 250 alphanumerics, '_', '-', '.', ' ', ':' or '/', not a '..' path"
     if (
@@ -116,80 +100,8 @@ def check_key(key: object) -> None:
         raise ConfigError("key", key, allowed)
 
 
-class _Deliverer:
-    """Sends points to one run: de-duplicates against history on request, bisects permanent rejections."""
-
-    def __init__(self, client: Any, run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        self._history: dict[str, set[tuple[int, int, float]]] = {}
-
-    def invalidate(self) -> None:
-        """Forget cached metric history (after a send whose outcome is unknown)."""
-        self._history.clear()
-
-    def _known(self, key: str) -> set[tuple[int, int, float]]:
-        known = self._history.get(key)
-        if known is None:
-            history = self.client.get_metric_history(self.run_id, key)
-            known = {(int(m.step), int(m.timestamp), float(m.value)) for m in history}
-            self._history[key] = known
-        return known
-
-    def send(
-        self, entries: Sequence[tuple[int, Point]], dedupe: bool
-    ) -> tuple[int, int, list[tuple[int, Point, str]]]:
-        """Send ``entries`` (seq, point). Returns (sent, skipped as already present, rejected).
-
-        Raises:
-            Exception: any transient failure (nothing about the outcome can be assumed).
-        """
-        skipped = 0
-        todo: list[tuple[int, Point]]
-        if dedupe:
-            todo = []
-            for seq, p in entries:
-                if (p.step, p.timestamp_ms, p.value) in self._known(p.key):
-                    skipped += 1
-                else:
-                    todo.append((seq, p))
-        else:
-            todo = list(entries)
-        rejected: list[tuple[int, Point, str]] = []
-        state = {"run_checked": False}
-        for i in range(0, len(todo), MAX_METRICS_PER_BATCH):
-            self._send_chunk(todo[i : i + MAX_METRICS_PER_BATCH], rejected, state)
-        return len(todo) - len(rejected), skipped, rejected
-
-    def _send_chunk(
-        self, chunk: list[tuple[int, Point]], rejected: list[tuple[int, Point, str]], state: dict[str, bool]
-    ) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(p.key, p.value, p.timestamp_ms, p.step) for _, p in chunk]
-        try:
-            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
-        except Exception as exc:
-            if not _is_permanent(exc):
-                raise
-            if not state["run_checked"]:
-                self._check_run_active()
-                state["run_checked"] = True
-            if len(chunk) == 1:
-                rejected.append((chunk[0][0], chunk[0][1], _describe(exc)))
-                return
-            mid = len(chunk) // 2
-            self._send_chunk(chunk[:mid], rejected, state)
-            self._send_chunk(chunk[mid:], rejected, state)
-
-    def _check_run_active(self) -> None:
-        stage = self.client.get_run(self.run_id).info.lifecycle_stage
-        if stage != "active":
-            raise SinkError(f"MLflow run {self.run_id} is {stage}; points are kept until it is restored")
-
-
 class MlflowSink:
-    """Buffered writer of :class:`Point` s into one MLflow run, with a local spool.
+    """Buffered writer of :class:`Point` s, params, tags and artifacts into one MLflow run, with a local spool.
 
     Args:
         run_id: the MLflow run to log into.
@@ -198,7 +110,7 @@ class MlflowSink:
         batch_size: send when this many points are waiting (sent in calls of at most 1000).
         flush_interval_s: send whatever is waiting at least this often.
         max_backoff_s: longest wait between retries (0.5 s doubling up to this).
-        max_buffer_points: unsent points kept in memory; older ones are re-read from the spool.
+        max_buffer_points: unsent records kept in memory; older ones are re-read from the spool.
         _client_factory: private, for tests: ``tracking_uri -> MlflowClient``-like object.
     """
 
@@ -227,15 +139,16 @@ class MlflowSink:
         self._run_id = run_id
         self._tracking_uri = tracking_uri
         self._uri = tracking_uri or ""
-        self._spool_path = _spool.spool_file(Path(spool_dir or default_spool_dir()).absolute(), run_id)
+        self._spool_dir = Path(spool_dir or default_spool_dir()).absolute()
+        self._spool_path = _spool.spool_file(self._spool_dir, run_id)
         self._batch_size = batch_size
         self._flush_interval_s = float(flush_interval_s)
         self._max_backoff_s = float(max_backoff_s)
         self._max_buffer = max_buffer_points
-        self._client_factory = _client_factory or _default_client_factory
+        self._client_factory = _client_factory or default_client_factory
 
         # Caller side (guarded by _cond's lock).
-        self._queue: deque[Point] = deque()
+        self._queue: deque[Record] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._wake = threading.Event()
         self._enqueued = 0
@@ -251,11 +164,10 @@ class MlflowSink:
         self._thread: threading.Thread | None = None
         self._valid_keys: set[str] = set()
         self._warned: set[str] = set()
-        self._caller_client: Any = None
 
         # Writer side (only the writer thread touches these after start()).
         self._next_seq = 1
-        self._unsent: deque[tuple[int, Point, int | None]] = deque()  # (seq, point, spool offset)
+        self._unsent: deque[tuple[int, Record, int | None]] = deque()  # (seq, record, spool offset)
         self._spool_f: Any = None
         self._ack_f: Any = None
         self._spool_size = 0
@@ -264,7 +176,8 @@ class MlflowSink:
         self._spill_low = 0  # lower bound of the first unsent spilled seq
         self._spill_skip = _spool.AckSet()
         self._dedupe_through = 0
-        self._deliverer: _Deliverer | None = None
+        self._deliverer: Deliverer | None = None
+        self._deferred: list[tuple[int, ArtifactRecord]] = []  # artifacts the artifact store refused
         self._failures = 0
         self._retry_at = 0.0
         self._next_send_at = 0.0
@@ -279,7 +192,7 @@ class MlflowSink:
 
     @property
     def pending_points(self) -> int:
-        """Points logged (or left by an earlier session) that MLflow has not acknowledged yet."""
+        """Records (points, params, tags, artifacts) logged, or left by an earlier session, not yet acknowledged."""
         return self._pending
 
     def start(self) -> None:
@@ -292,7 +205,7 @@ class MlflowSink:
             return
         if self._closed:
             raise SinkError("MlflowSink.start() after close()")
-        self._uri = _resolve_uri(self._tracking_uri)
+        self._uri = resolve_uri(self._tracking_uri)
         self._open_spool()
         self._seq0 = self._next_seq
         with self._cond:
@@ -334,14 +247,26 @@ class MlflowSink:
             self._pending += len(ok)
         self._wake.set()
 
-    def _key_ok(self, key: str) -> bool:
+    def _enqueue(self, records: list[Record], what: str) -> None:
+        if self._closed:
+            self._policy("closed", f"{what} logged after close() were dropped")
+            return
+        if not records:
+            return
+        with self._cond:
+            self._queue.extend(records)
+            self._enqueued += len(records)
+            self._pending += len(records)
+        self._wake.set()
+
+    def _key_ok(self, key: str, what: str = "points with invalid MLflow metric key") -> bool:
         """Check a key once: valid keys are remembered; a bad one raises in strict mode, else warns once."""
         try:
             check_key(key)
         except ConfigError:
             if strict_mode():
                 raise
-            self._policy(f"key:{key}", f"skipped points with invalid MLflow metric key {key!r}")
+            self._policy(f"key:{key}", f"skipped {what} {key!r}")
             return False
         self._valid_keys.add(key)
         return True
@@ -352,7 +277,7 @@ class MlflowSink:
         self.log_points(Point(k, float(v), int(step), ts_ms) for k, v in metrics.items())
 
     def flush(self, timeout_s: float | None = 30.0) -> bool:
-        """Wait until every point logged so far is acknowledged by MLflow.
+        """Wait until every point, param, tag and artifact logged so far is acknowledged by MLflow.
 
         Returns:
             True if everything was delivered within ``timeout_s`` (None: wait indefinitely).
@@ -384,10 +309,10 @@ class MlflowSink:
     def close(self, timeout_s: float = 30.0) -> None:
         """Deliver what is pending (up to ``timeout_s``), stop the writer, close files. Idempotent.
 
-        Undelivered points stay in the spool for a later run or ``wattlog sync`` (one warning).
+        Undelivered records stay in the spool for a later run or ``wattlog sync`` (one warning).
 
         Raises:
-            SinkError: (strict mode only) a delivery failed, or points are left undelivered.
+            SinkError: (strict mode only) a delivery failed, or records are left undelivered.
         """
         if self._closed:
             return
@@ -412,52 +337,91 @@ class MlflowSink:
             )
             if not self._started:
                 where = "because the sink was never started"
-            self._policy("close", f"{self._pending} points were not delivered to MLflow {where}")
+            self._policy("close", f"{self._pending} records (points, params, tags, artifacts) were not "
+                         f"delivered to MLflow {where}")
 
-    def log_params(self, params: dict[str, object]) -> None:
-        """Log run params synchronously (values as str). Failure: warn once, or raise in strict mode."""
-        from mlflow.entities import Param
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Enqueue run params (values as str); returns at once, delivered like points.
 
-        items = [Param(str(k), str(v)) for k, v in params.items()]
-        self._sync_call(
-            "params",
-            lambda c: [
-                c.log_batch(self._run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH], synchronous=True)
-                for i in range(0, len(items), _MAX_PARAMS_PER_BATCH)
-            ],
-        )
+        A param the run already holds with a different value is rejected by MLflow: one warning
+        (strict mode: :class:`SinkError` from the next flush/close), never retried.
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Set run tags synchronously. Failure: warn once, or raise in strict mode."""
-        from mlflow.entities import RunTag
+        Raises:
+            ConfigError: (strict mode only) a key MLflow would reject; otherwise it is skipped with a warning.
+            SinkError: (strict mode only) the sink is closed.
+        """
+        recs: list[Record] = [
+            RunRecord("param", str(k), str(v)) for k, v in params.items() if self._key_ok(str(k), "param")
+        ]
+        self._enqueue(recs, f"{len(recs)} params")
 
-        items = [RunTag(str(k), str(v)) for k, v in tags.items()]
-        self._sync_call(
-            "tags",
-            lambda c: [
-                c.log_batch(self._run_id, tags=items[i : i + _MAX_PARAMS_PER_BATCH], synchronous=True)
-                for i in range(0, len(items), _MAX_PARAMS_PER_BATCH)
-            ],
-        )
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        """Enqueue run tags (values as str); returns at once, delivered like points.
+
+        Raises:
+            ConfigError: (strict mode only) a key MLflow would reject; otherwise it is skipped with a warning.
+            SinkError: (strict mode only) the sink is closed.
+        """
+        recs: list[Record] = [
+            RunRecord("tag", str(k), str(v)) for k, v in tags.items() if self._key_ok(str(k), "tag")
+        ]
+        self._enqueue(recs, f"{len(recs)} tags")
 
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Upload one file as a run artifact. Failure: warn once, or raise in strict mode."""
-        local = os.fspath(local_path)
-        self._sync_call("artifact", lambda c: c.log_artifact(self._run_id, local, artifact_path))
+        """Copy one file into the spool now, and upload it as a run artifact off this thread.
+
+        The copy (``<spool_dir>/<run_id>.artifacts/<unique>/<file name>``, mode 0600) is made before
+        this returns, so the caller may delete ``local_path`` right away; the upload happens on the
+        writer thread, in order with the points. The copy is deleted once MLflow has the artifact.
+
+        Args:
+            local_path: an existing regular file.
+            artifact_path: run-relative directory, e.g. ``"energy"``; None: the artifact root.
+
+        Raises:
+            ConfigError: (strict mode only) ``artifact_path`` is absolute or contains ``..``, or
+                ``local_path`` is not a file; otherwise the artifact is skipped with a warning.
+            SinkError: (strict mode only) the copy failed, or the sink is closed.
+        """
+        try:
+            dest = _spool.check_artifact_path(artifact_path)
+        except ValueError:
+            self._bad_arg("artifact_path", artifact_path, "None or a relative POSIX path without '..', "
+                          "e.g. 'energy'")
+            return
+        src = Path(local_path)
+        if not src.is_file():
+            self._bad_arg("local_path", os.fspath(local_path), "an existing regular file")
+            return
+        if self._closed:
+            self._policy("closed", f"artifact {src.name} logged after close() was dropped")
+            return
+        try:
+            rec = self._copy_artifact(src, dest)
+        except OSError as exc:
+            self._policy("artifact-copy", f"cannot copy artifact {src} for upload ({describe(exc)}); "
+                         "it was not logged")
+            return
+        self._enqueue([rec], f"artifact {src.name}")
 
     # ------------------------------------------------------------------ helpers (caller side)
 
-    def _sync_call(self, what: str, fn: Callable[[Any], object]) -> None:
+    def _copy_artifact(self, src: Path, dest: str | None) -> ArtifactRecord:
+        """Copy into the spool's artifact directory; if that is not writable, into a private temp dir."""
         try:
-            if self._caller_client is None:
-                self._caller_client = self._client_factory(self._uri or _resolve_uri(self._tracking_uri))
-            fn(self._caller_client)
-        except Exception as exc:
-            self._policy(
-                f"sync-{what}",
-                f"could not log {what} to MLflow run {self._run_id} at {redact_uri(self._uri)}: "
-                f"{_describe(exc)}",
-            )
+            root = _spool.artifacts_dir(self._spool_dir, self._run_id)
+            file, size = _spool.copy_artifact(src, root, self._spool_dir)
+        except OSError:
+            root = Path(tempfile.mkdtemp(prefix="wattlog-artifact-"))
+            file, size = _spool.copy_artifact(src, root, None)
+        return ArtifactRecord(file, dest, size)
+
+    def _bad_arg(self, field: str, value: object, allowed: str) -> None:
+        """A bad argument: ConfigError in strict mode, else one warning per field (the call is skipped)."""
+        err = ConfigError(field, value, allowed)
+        if strict_mode():
+            raise err
+        self._policy(f"arg:{field}", f"skipped: {err}")
 
     def _policy(self, kind: str, message: str) -> None:
         """Failure policy on the caller's thread: raise SinkError in strict mode, else warn once per kind."""
@@ -511,7 +475,7 @@ class MlflowSink:
             self._spill_offset, self._pending = None, len(self._queue)
             self._policy(
                 "spool",
-                f"cannot write the spool at {path} ({_describe(exc)}); points go to MLflow directly and "
+                f"cannot write the spool at {path} ({describe(exc)}); points go to MLflow directly and "
                 "stay in memory until acknowledged",
             )
             return
@@ -524,7 +488,7 @@ class MlflowSink:
             raise ValueError(f"{path} belongs to run {header.get('run_id')!r}, not {self._run_id!r}")
         acks = _spool.read_acks(_spool.ack_file(path))
         max_seq, first, n_unacked = 0, None, 0
-        for seq, _p, start, _end in _spool.iter_points_from(path, body_offset):
+        for seq, _p, start, _end in _spool.iter_records_from(path, body_offset):
             max_seq = max(max_seq, seq)
             if seq not in acks:
                 n_unacked += 1
@@ -539,23 +503,24 @@ class MlflowSink:
             self._pending += n_unacked
 
     def _drain(self) -> None:
-        """Move queued points into the unsent buffer, appending them to the spool first."""
+        """Move queued records into the unsent buffer, appending them to the spool first."""
         q = self._queue
         if not q:
             return
-        batch: list[Point] = []
+        batch: list[Record] = []
         while q:
             try:
                 batch.append(q.popleft())
             except IndexError:  # pragma: no cover - single consumer
                 break
-        entries: list[tuple[int, Point, int | None]] = []
+        entries: list[tuple[int, Record, int | None]] = []
         lines: list[bytes] = []
         offset = self._spool_size
+        point_line, record_line = _spool.point_line, _spool.record_line
         for p in batch:
             seq = self._next_seq
             self._next_seq += 1
-            line = _spool.point_line(seq, p)
+            line = point_line(seq, p) if type(p) is Point else record_line(seq, p)
             entries.append((seq, p, offset if self._spool_f is not None else None))
             offset += len(line)
             lines.append(line)
@@ -578,8 +543,8 @@ class MlflowSink:
     def _disable_spool(self, exc: BaseException) -> None:
         self._report(
             "spool",
-            f"cannot write the spool at {self._spool_path} ({_describe(exc)}); points go to MLflow directly "
-            "and stay in memory until acknowledged",
+            f"cannot write the spool at {self._spool_path} ({describe(exc)}); records go to MLflow "
+            "directly and stay in memory until acknowledged",
         )
         for f in (self._spool_f, self._ack_f):
             try:
@@ -602,10 +567,12 @@ class MlflowSink:
 
     def _compute_low(self) -> int:
         if self._spill_offset is not None:
-            return self._spill_low
-        if self._unsent:
-            return self._unsent[0][0]
-        return self._next_seq
+            low = self._spill_low
+        elif self._unsent:
+            low = self._unsent[0][0]
+        else:
+            low = self._next_seq
+        return min(low, self._deferred[0][0]) if self._deferred else low
 
     def _publish(self) -> None:
         with self._cond:
@@ -615,14 +582,14 @@ class MlflowSink:
     def _has_work(self) -> bool:
         return bool(self._unsent) or self._spill_offset is not None
 
-    def _next_batch(self, force: bool) -> tuple[list[tuple[int, Point]], str, int, bool] | None:
+    def _next_batch(self, force: bool) -> tuple[list[tuple[int, Record]], str, int, bool] | None:
         """The next batch to send: (entries, source, spool offset after it, spill exhausted)."""
         limit = min(self._batch_size, MAX_METRICS_PER_BATCH)
         if self._spill_offset is not None:
-            out: list[tuple[int, Point]] = []
+            out: list[tuple[int, Record]] = []
             next_off, exhausted = self._spill_offset, True
             try:
-                for seq, p, _start, end in _spool.iter_points_from(self._spool_path, self._spill_offset):
+                for seq, p, _start, end in _spool.iter_records_from(self._spool_path, self._spill_offset):
                     if seq > self._spill_end:
                         break
                     next_off = end
@@ -638,8 +605,8 @@ class MlflowSink:
                 with self._cond:
                     lost = self._pending - len(self._unsent) - len(self._queue)
                     self._pending -= lost
-                self._report("spool-read", f"cannot read back {lost} unsent points from the spool at "
-                             f"{self._spool_path} ({_describe(exc)}); they are lost", once=False)
+                self._report("spool-read", f"cannot read back {lost} unsent records from the spool at "
+                             f"{self._spool_path} ({describe(exc)}); they are lost", once=False)
                 self._publish()
                 return self._next_batch(force)
             return out, "spool", next_off, exhausted
@@ -656,19 +623,13 @@ class MlflowSink:
             if nxt is None:
                 return True
             entries, source, next_off, exhausted = nxt
+            n_deferred = 0
             if entries:
                 try:
-                    if self._deliverer is None:
-                        self._deliverer = _Deliverer(self._client_factory(self._uri), self._run_id)
-                    dedupe = entries[0][0] <= self._dedupe_through
-                    _sent, _skipped, rejected = self._deliverer.send(entries, dedupe)
+                    n_deferred = self._deliver(entries, dedupe=entries[0][0] <= self._dedupe_through)
                 except Exception as exc:
                     self._on_failure(exc, entries)
                     return False
-                self._write_acks(seq for seq, _ in entries)
-                for seq, p, why in rejected:
-                    self._report("rejected", f"MLflow rejected {p.key}={p.value} at step {p.step} "
-                                 f"(seq {seq}): {why}; the point was dropped")
             if source == "spool":
                 if exhausted:
                     self._spill_offset = None
@@ -680,10 +641,47 @@ class MlflowSink:
                     self._unsent.popleft()
             self._failures = 0
             with self._cond:
-                self._pending -= len(entries)
+                self._pending -= len(entries) - n_deferred
             self._publish()
 
-    def _on_failure(self, exc: BaseException, entries: list[tuple[int, Point]]) -> None:
+    def _deliver(self, entries: list[tuple[int, Record]], dedupe: bool) -> int:
+        """Send, ack what is settled, delete delivered artifact copies. Returns the number deferred.
+
+        Raises:
+            Exception: a transient failure (the caller backs off and retries with ``dedupe``).
+        """
+        if self._deliverer is None:
+            self._deliverer = Deliverer(self._client_factory(self._uri), self._run_id, self._spool_dir)
+        out = self._deliverer.send(entries, dedupe)
+        deferred = {seq for seq, _r, _w in out.deferred}
+        self._write_acks(seq for seq, _ in entries if seq not in deferred)
+        for seq, rec in entries:
+            if type(rec) is ArtifactRecord and seq not in deferred:
+                _spool.remove_artifact_copy(rec.file, self._spool_dir)
+        for seq, rec, why in out.rejected:
+            self._report(f"rejected-{_spool.record_kind(rec)}",
+                         f"MLflow rejected {describe_record(rec)} (seq {seq}): {why}; it was dropped")
+        for seq, rec, why in out.deferred:
+            assert isinstance(rec, ArtifactRecord)
+            self._deferred.append((seq, rec))
+            self._report("artifact", f"could not upload {describe_record(rec)} while MLflow answers ({why}); "
+                         "it is retried at flush and close, its copy stays in the spool for `wattlog sync`")
+        self._deferred.sort(key=lambda e: e[0])
+        return len(deferred)
+
+    def _retry_deferred(self) -> None:
+        """One more try for artifacts the artifact store refused; they do not hold back other records."""
+        todo, self._deferred = self._deferred, []
+        try:
+            n_left = self._deliver(list(todo), dedupe=True)
+        except Exception:
+            self._deferred = todo  # an outage: the regular retries report it
+            return
+        with self._cond:
+            self._pending -= len(todo) - n_left
+        self._publish()
+
+    def _on_failure(self, exc: BaseException, entries: list[tuple[int, Record]]) -> None:
         self._failures += 1
         delay = min(self._max_backoff_s, _FIRST_BACKOFF_S * 2 ** (self._failures - 1))
         self._retry_at = time.monotonic() + delay
@@ -696,15 +694,15 @@ class MlflowSink:
             where = "kept in memory (no spool); they will be retried"
         self._report(
             "unreachable",
-            f"MLflow unreachable, {self._pending} points {where} "
-            f"(tracking URI {redact_uri(self._uri)}: {_describe(exc)})",
+            f"MLflow unreachable, {self._pending} records (points, params, tags, artifacts) {where} "
+            f"(tracking URI {redact_uri(self._uri)}: {describe(exc)})",
         )
 
     def _run(self) -> None:
         try:
             self._loop()
         except BaseException as exc:  # a bug in the writer: never die silently
-            self._report("writer", f"the MLflow writer thread stopped: {_describe(exc)}", once=False)
+            self._report("writer", f"the MLflow writer thread stopped: {describe(exc)}", once=False)
         finally:
             for f in (self._spool_f, self._ack_f):
                 try:
@@ -733,6 +731,8 @@ class MlflowSink:
                 force = flush_req or stopping or interval_due or self._failures > 0
                 if force or len(self._unsent) >= self._batch_size:
                     self._send_ready(force)
+            if flush_req and self._deferred and not self._failures:
+                self._retry_deferred()
             now = time.monotonic()
             if stopping and (now >= deadline or (not self._has_work() and not self._queue)):
                 return
@@ -742,108 +742,3 @@ class MlflowSink:
             if stopping:
                 wake_at = min(wake_at, deadline)
             timeout = max(0.0, wake_at - now)
-
-
-# ---------------------------------------------------------------------- sync
-
-
-def sync(
-    spool: str | os.PathLike[str] | None = None,
-    tracking_uri: str | None = None,
-    *,
-    _client_factory: ClientFactory | None = None,
-) -> SyncResult:
-    """Replay spooled points that MLflow never acknowledged; idempotent.
-
-    Points already in the run's history (same key, step, timestamp and value) are skipped, so a lost
-    ack never causes duplicates; what was handled is then recorded in the ack file.
-
-    Args:
-        spool: a spool file, or a directory of ``*.jsonl`` spool files; default :func:`default_spool_dir`.
-        tracking_uri: where to send; default the URI in each spool header, else MLflow's default.
-
-    Raises:
-        FileNotFoundError: ``spool`` does not exist.
-        SinkError: a spool file is malformed, or MLflow cannot be reached or refuses the run.
-    """
-    factory = _client_factory or _default_client_factory
-    path = Path(spool) if spool is not None else default_spool_dir()
-    if not path.exists():
-        raise FileNotFoundError(f"no spool at {path}")
-    files = sorted(path.glob(f"*{_spool.SPOOL_SUFFIX}")) if path.is_dir() else [path]
-    sent = skipped = rejected_n = n_files = 0
-    for f in files:
-        try:
-            header, body_offset = _spool.read_header(f)
-        except ValueError as exc:
-            if not path.is_dir():
-                raise SinkError(str(exc)) from None
-            warnings.warn(f"wattlog: skipping {f}: {exc}", WattlogWarning, stacklevel=2)
-            continue
-        n_files += 1
-        run_id = str(header["run_id"])
-        acks = _spool.read_acks(_spool.ack_file(f))
-        todo = [(seq, p) for seq, p, _s, _e in _spool.iter_points_from(f, body_offset) if seq not in acks]
-        if not todo:
-            continue
-        header_uri = header.get("tracking_uri")
-        uri = tracking_uri or (str(header_uri) if header_uri else None) or _resolve_uri(None)
-        try:
-            deliverer = _Deliverer(factory(uri), run_id)
-            ack_f, _ = _spool.open_append(_spool.ack_file(f))
-        except Exception as exc:
-            raise SinkError(f"cannot sync {f} to MLflow at {redact_uri(uri)}: {_describe(exc)}") from None
-        with ack_f:
-            for i in range(0, len(todo), MAX_METRICS_PER_BATCH):
-                chunk = todo[i : i + MAX_METRICS_PER_BATCH]
-                try:
-                    s, k, rejected = deliverer.send(chunk, dedupe=True)
-                except Exception as exc:
-                    raise SinkError(
-                        f"cannot sync {f} to MLflow run {run_id} at {redact_uri(uri)}: {_describe(exc)}"
-                    ) from None
-                ack_f.write(_spool.ack_lines(seq for seq, _ in chunk))
-                ack_f.flush()
-                sent, skipped, rejected_n = sent + s, skipped + k, rejected_n + len(rejected)
-                for seq, p, why in rejected[:1]:
-                    warnings.warn(
-                        redact_text(f"wattlog: MLflow rejected {p.key}={p.value} at step {p.step} "
-                                    f"(seq {seq}) from {f}: {why}; dropped"),
-                        WattlogWarning,
-                        stacklevel=2,
-                    )
-    return SyncResult(sent=sent, skipped=skipped, files=n_files, rejected=rejected_n)
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``wattlog sync [--spool PATH] [--tracking-uri URI]`` to an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "sync",
-        help="send spooled points that never reached MLflow",
-        description="Replay points from wattlog spool files into MLflow; points already there are skipped.",
-    )
-    p.add_argument("--spool", default=None, help="spool file or directory (default: $WATTLOG_SPOOL_DIR "
-                   "or ./.wattlog/spool)")
-    p.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: the one in each spool's header)"
-    )
-    p.set_defaults(func=_cli_sync)
-
-
-def _cli_sync(args: argparse.Namespace) -> int:
-    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    if saved is None:  # fail fast on an unreachable server instead of minutes of MLflow retries
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    try:
-        result = sync(args.spool, args.tracking_uri)
-    except (FileNotFoundError, SinkError) as exc:
-        print(f"wattlog sync: error: {redact_text(str(exc))}", file=sys.stderr)
-        return 2
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-    extra = f"; {result.rejected} rejected by MLflow" if result.rejected else ""
-    print(
-        f"sent {result.sent} points ({result.skipped} already present) from {result.files} spool files{extra}"
-    )
-    return 0

@@ -4,10 +4,18 @@ No third-party imports. One spool file per run, ``<spool_dir>/<run_id>.jsonl`` (
 directory created with mode 0700), JSON lines:
 
 - line 1, the header: ``{"wattlog_spool": 1, "run_id": ..., "tracking_uri": <redacted>, "created": ...}``;
-- then one line per point: ``{"seq": n, "k": key, "v": value, "s": step, "t": timestamp_ms}``.
+- then one line per record, numbered by one sequence:
+
+  - a metric point: ``{"seq": n, "k": key, "v": value, "s": step, "t": timestamp_ms}`` (no ``type``);
+  - a run param or tag: ``{"seq": n, "type": "param"|"tag", "k": key, "v": "value"}``;
+  - an artifact: ``{"seq": n, "type": "artifact", "f": copy, "p": artifact_path|null, "n": size_bytes}``,
+    where ``copy`` is the spooled copy of the file, relative to the spool directory
+    (``<run_id>.artifacts/<unique>/<file name>``, files 0600, directories 0700).
+
+  Readers skip lines they do not understand, so older wattlog versions replay only the points.
 
 Next to it, ``<run_id>.jsonl.ack`` holds append-only lines ``first_seq last_seq``: inclusive ranges of
-points that MLflow acknowledged (or permanently rejected), so a restart or ``wattlog sync`` knows
+records that MLflow acknowledged (or permanently rejected), so a restart or ``wattlog sync`` knows
 what is left to deliver.
 """
 
@@ -15,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +50,47 @@ class Point:
     value: float
     step: int
     timestamp_ms: int
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run param (``kind="param"``) or tag (``kind="tag"``), value already converted to str."""
+
+    kind: str
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A file to upload as a run artifact, from its spooled copy.
+
+    Attributes:
+        file: the copy, relative to the spool directory (absolute when it lives outside it).
+        artifact_path: run-relative directory to upload into (None: the artifact root).
+        size: size of the copy in bytes (used to recognise an upload that already happened).
+    """
+
+    file: str
+    artifact_path: str | None
+    size: int
+
+    @property
+    def dest(self) -> str:
+        """The artifact's path in the run, e.g. ``energy/trace.csv``."""
+        return posixpath.join(self.artifact_path or "", posixpath.basename(self.file.replace(os.sep, "/")))
+
+
+Record = Point | RunRecord | ArtifactRecord
+
+
+def record_kind(rec: Record) -> str:
+    """``"point"``, ``"param"``, ``"tag"`` or ``"artifact"``."""
+    if type(rec) is Point:
+        return "point"
+    if type(rec) is RunRecord:
+        return rec.kind
+    return "artifact"
 
 
 def default_spool_dir() -> Path:
@@ -137,6 +188,19 @@ def point_line(seq: int, point: Point) -> bytes:
     ).encode()
 
 
+def record_line(seq: int, rec: Record) -> bytes:
+    """Serialise any record (point, param, tag or artifact) as a spool line."""
+    if type(rec) is Point:
+        return point_line(seq, rec)
+    if type(rec) is RunRecord:
+        obj: dict[str, object] = {"seq": seq, "type": rec.kind, "k": rec.key, "v": rec.value}
+    elif type(rec) is ArtifactRecord:
+        obj = {"seq": seq, "type": "artifact", "f": rec.file, "p": rec.artifact_path, "n": rec.size}
+    else:
+        raise TypeError(f"not a spool record: {rec!r}")
+    return (json.dumps(obj) + "\n").encode()
+
+
 def parse_header(line: bytes) -> dict[str, object] | None:
     """The header dict if ``line`` is a wattlog spool header, else None."""
     try:
@@ -151,12 +215,28 @@ def parse_header(line: bytes) -> dict[str, object] | None:
 
 
 def parse_point(line: bytes) -> tuple[int, Point] | None:
-    """``(seq, Point)`` from a spool line, or None for a malformed (e.g. truncated) line."""
-    try:
-        rec = json.loads(line)
-        return int(rec["seq"]), Point(str(rec["k"]), float(rec["v"]), int(rec["s"]), int(rec["t"]))
-    except (ValueError, KeyError, TypeError):
+    """``(seq, Point)`` from a spool line, or None for any other or a malformed (e.g. truncated) line."""
+    parsed = parse_record(line)
+    if parsed is None or type(parsed[1]) is not Point:
         return None
+    return parsed[0], parsed[1]
+
+
+def parse_record(line: bytes) -> tuple[int, Record] | None:
+    """``(seq, record)`` from a spool line, or None for a malformed line or an unknown record type."""
+    try:
+        obj = json.loads(line)
+        kind = obj.get("type")
+        if kind is None:
+            return int(obj["seq"]), Point(str(obj["k"]), float(obj["v"]), int(obj["s"]), int(obj["t"]))
+        if kind in ("param", "tag"):
+            return int(obj["seq"]), RunRecord(kind, str(obj["k"]), str(obj["v"]))
+        if kind == "artifact":
+            p = obj["p"]
+            return int(obj["seq"]), ArtifactRecord(str(obj["f"]), None if p is None else str(p), int(obj["n"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def read_header(path: Path) -> tuple[dict[str, object], int]:
@@ -183,8 +263,8 @@ def ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def iter_points_from(path: Path, offset: int) -> Iterator[tuple[int, Point, int, int]]:
-    """Yield ``(seq, point, start, end)`` byte offsets for the point lines of ``path`` from ``offset``.
+def iter_records_from(path: Path, offset: int) -> Iterator[tuple[int, Record, int, int]]:
+    """Yield ``(seq, record, start, end)`` byte offsets for the record lines of ``path`` from ``offset``.
 
     Malformed lines are skipped; an unterminated last line (still being written, or cut by a crash)
     ends the iteration.
@@ -195,9 +275,95 @@ def iter_points_from(path: Path, offset: int) -> Iterator[tuple[int, Point, int,
             start, offset = offset, offset + len(line)
             if not line.endswith(b"\n"):
                 return
-            parsed = parse_point(line)
+            parsed = parse_record(line)
             if parsed is not None:
                 yield parsed[0], parsed[1], start, offset
+
+
+def iter_points_from(path: Path, offset: int) -> Iterator[tuple[int, Point, int, int]]:
+    """Like :func:`iter_records_from`, metric points only."""
+    for seq, rec, start, end in iter_records_from(path, offset):
+        if type(rec) is Point:
+            yield seq, rec, start, end
+
+
+# ---------------------------------------------------------------------- artifacts
+
+
+def artifacts_dir(spool_dir: str | os.PathLike[str], run_id: str) -> Path:
+    """Where spooled copies of ``run_id``'s artifacts live: ``<spool_dir>/<run_id>.artifacts``."""
+    return Path(spool_dir) / f"{run_id}.artifacts"
+
+
+def check_artifact_path(artifact_path: str | None) -> str | None:
+    """Normalise a run-relative artifact directory; None or ``""`` mean the artifact root.
+
+    Raises:
+        ValueError: not a str, absolute, containing ``..``, a backslash or NUL, or not normalised.
+    """
+    if artifact_path is None:
+        return None
+    if not isinstance(artifact_path, str):
+        raise ValueError("not a str")
+    p = artifact_path.rstrip("/")
+    if not p:
+        return None
+    if (
+        p.startswith("/")
+        or "\\" in p
+        or "\0" in p
+        or ".." in p.split("/")
+        or posixpath.normpath(p) != p
+    ):
+        raise ValueError("not a normalised relative path")
+    return p
+
+
+def copy_artifact(src: Path, root: Path, spool_dir: Path | None) -> tuple[str, int]:
+    """Copy ``src`` into a fresh directory (0700) under ``root``; the copy is created with mode 0600.
+
+    Returns:
+        (the copy's path, relative to ``spool_dir`` when given and inside it, else absolute; size in bytes).
+
+    Raises:
+        OSError: the copy failed (nothing is left behind).
+    """
+    import shutil
+
+    ensure_dir(root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix="a"))
+    dst = tmp / src.name
+    try:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            size = out.tell()
+    except BaseException:
+        remove_artifact_copy(str(dst), None)
+        raise
+    if spool_dir is not None:
+        try:
+            return dst.relative_to(spool_dir).as_posix(), size
+        except ValueError:
+            pass
+    return str(dst), size
+
+
+def resolve_artifact_copy(file: str, spool_dir: Path | None) -> Path:
+    """The absolute path of a spooled artifact copy."""
+    p = Path(file)
+    return p if p.is_absolute() or spool_dir is None else spool_dir / p
+
+
+def remove_artifact_copy(file: str, spool_dir: Path | None) -> None:
+    """Delete a delivered artifact copy and its (then empty) private directory; errors are ignored."""
+    p = resolve_artifact_copy(file, spool_dir)
+    for fn, target in ((os.remove, p), (os.rmdir, p.parent)):
+        try:
+            fn(target)
+        except OSError:
+            pass
 
 
 class AckSet:
