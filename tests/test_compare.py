@@ -466,3 +466,25 @@ def test_markdown_marks_estimated_and_missing(store: dict) -> None:
     measured = next(line for line in md.splitlines() if line.startswith("| measured |"))
     base = next(line for line in md.splitlines() if line.startswith("| base |"))
     assert "0.006 |" in measured and "0.01* |" in base and "* includes estimated" in md
+
+
+def test_sweep_parent_run_is_not_a_row(tmp_path):
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from wattlog.compare import compare_runs
+
+    uri = f"sqlite:///{tmp_path / 'parent.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweep-exp")
+    parent = client.create_run(exp, tags={"wattlog.role": "sweep"}, run_name="sweep parent").info.run_id
+    children = []
+    for i, (kwh, acc) in enumerate([(0.2, 0.8), (0.1, 0.7)]):
+        rid = client.create_run(exp, tags={"mlflow.parentRunId": parent}, run_name=f"job{i}").info.run_id
+        client.log_batch(rid, metrics=[Metric("energy/total_kwh", kwh, 0, 1), Metric("acc", acc, 0, 1)])
+        children.append(rid)
+    df = compare_runs("sweep-exp", metric="acc", tracking_uri=uri)
+    assert sorted(df["run_id"]) == sorted(children)
+    assert list(df["pareto"]) == [True, True]
+    explicit = compare_runs(runs=[parent, *children], tracking_uri=uri)  # asked for by id: shown
+    assert parent in set(explicit["run_id"])

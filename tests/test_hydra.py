@@ -384,3 +384,14 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path: Path, monkeypatch: pytes
     assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert absolute_tracking_uri("http://host:5000") == "http://host:5000"
+
+
+def test_make_mlflow_logger_merges_user_tags(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from wattlog.integrations.hydra import make_mlflow_logger
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'tags.db'}"
+    logger = make_mlflow_logger(experiment_name="tags", tracking_uri=uri, tags={"team": "nlp"})
+    assert MlflowClient(uri).get_run(logger.run_id).data.tags["team"] == "nlp"

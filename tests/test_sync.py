@@ -136,6 +136,70 @@ def test_default_spool_dir_and_errors(store, tmp_path, monkeypatch):
         sync(bad)
 
 
+def write_run_data_spool(spool_dir: Path, run_id: str, uri: str, payload: bytes) -> Path:
+    """A spool as an outage leaves it: 3 points, two params, a tag, an artifact (copied into the spool)."""
+    path = write_spool(spool_dir, run_id, uri, 3)
+    src = spool_dir.parent / "summary.json"
+    src.write_bytes(payload)
+    file, size = sp.copy_artifact(src, sp.artifacts_dir(spool_dir, run_id), spool_dir)
+    src.unlink()
+    records = [sp.RunRecord("param", "energy.pue", "1.2"), sp.RunRecord("param", "energy.cpu_method", "rapl"),
+               sp.RunRecord("tag", "energy.estimated", "ram"), sp.ArtifactRecord(file, "energy/extra", size)]
+    with path.open("ab") as f:
+        f.write(b"".join(sp.record_line(4 + i, r) for i, r in enumerate(records)))
+    return path
+
+
+def test_sync_replays_run_data_idempotently_and_reports_conflicts(store, tmp_path):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    client.log_param(run_id, "energy.cpu_method", "estimate")  # a different value is already there
+    payload = b'{"kwh": 0.5}\x00\xff'
+    path = write_run_data_spool(tmp_path / "spool", run_id, uri, payload)
+
+    with pytest.warns(WattlogWarning, match=r"rejected param energy.cpu_method='rapl'.*conflict") as rec:
+        result = sync(path)
+    assert len([w for w in rec if "conflict" in str(w.message)]) == 1
+    assert result.sent_by_kind == {"point": 3, "param": 1, "tag": 1, "artifact": 1}
+    assert (result.sent, result.skipped, result.rejected, result.deferred) == (6, 0, 1, 0)
+    run = client.get_run(run_id)
+    assert run.data.params == {"energy.pue": "1.2", "energy.cpu_method": "estimate"}
+    assert run.data.tags["energy.estimated"] == "ram"
+    got = client.download_artifacts(run_id, "energy/extra/summary.json", str(tmp_path / "dl"))
+    assert Path(got).read_bytes() == payload
+    assert sp.read_acks(sp.ack_file(path)).ranges == [(1, 7)]  # the conflict is settled, not retried
+    assert list(sp.artifacts_dir(tmp_path / "spool", run_id).iterdir()) == []  # copy deleted after upload
+    assert sync(path).sent == 0
+
+    sp.ack_file(path).unlink()  # acks lost: everything is recognised as already there
+    with pytest.warns(WattlogWarning, match="conflict"):
+        again = sync(path)
+    assert again.sent_by_kind == {"point": 0, "param": 0, "tag": 1, "artifact": 0}  # a tag is just set again
+    assert (again.skipped, again.rejected) == (3 + 1 + 1, 1)
+    assert [f.path for f in client.list_artifacts(run_id, "energy/extra")] == ["energy/extra/summary.json"]
+    assert len(client.get_metric_history(run_id, "energy/step_j")) == 3
+
+
+def test_sync_rejects_artifact_whose_copy_is_gone(store, tmp_path):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    path = write_run_data_spool(tmp_path / "spool", run_id, uri, b"x")
+    for f in sp.artifacts_dir(tmp_path / "spool", run_id).rglob("summary.json"):
+        f.unlink()
+    with pytest.warns(WattlogWarning, match="artifact energy/extra/summary.json.*copy .* is missing"):
+        result = sync(path)
+    assert (result.rejected, result.sent_by_kind["artifact"]) == (1, 0)
+    assert client.list_artifacts(run_id, "energy/extra") == []
+
+
+def test_old_spool_lines_and_unknown_records_are_tolerated(tmp_path):
+    old = b'{"seq": 1, "k": "energy/step_j", "v": 1.5, "s": 3, "t": 1234}\n'
+    assert sp.parse_record(old) == (1, Point("energy/step_j", 1.5, 3, 1234))
+    param = sp.record_line(2, sp.RunRecord("param", "energy.pue", "1.2"))
+    assert sp.parse_point(param) is None and sp.parse_record(param)[1].kind == "param"
+    assert sp.parse_record(b'{"seq": 3, "type": "future-thing", "x": 1}\n') is None
+
+
 def test_unreachable_server_raises_without_credentials(store, tmp_path, monkeypatch):
     _uri, client, exp = store
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -155,6 +219,12 @@ def test_cli_sync_exit_codes(store, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.strip() == "sent 12 points (0 already present) from 1 spool files"
     assert cli(["sync", "--spool", str(path)]) == 0
     assert capsys.readouterr().out.strip() == "sent 0 points (0 already present) from 1 spool files"
+
+    data = write_run_data_spool(tmp_path / "spool3", client.create_run(exp).info.run_id, uri, b"{}")
+    assert cli(["sync", "--spool", str(data)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "sent 3 points, 2 params, 1 tags, 1 artifacts (0 already present) from 1 spool files"
+    )
 
     assert cli(["sync", "--spool", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -99,7 +99,7 @@ def split_glue_sst2(
         import datasets  # noqa: PLC0415 (optional dependency)
     except ImportError as exc:
         raise ModuleNotFoundError("data.source=glue_sst2 needs `datasets`: pip install wattlog[glue]") from exc
-    ds = datasets.load_dataset("glue", "sst2")
+    ds = datasets.load_dataset("nyu-mll/glue", "sst2")
     train = ds["train"].shuffle(seed=seed)
     texts, labels = list(train["sentence"]), list(train["label"])
     n_val = len(ds["validation"])

@@ -98,6 +98,6 @@ def evaluate(cfg: DictConfig, logger: Any) -> dict[str, float]:
     trainer = build_trainer(cfg, logger, [*callbacks, timer], precision="32-true")
     trainer.test(SentimentClassifier(model), datamodule=data, verbose=False)
     metrics = {**stats, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
-    log.info("%s: test_acc=%.4f size=%.1f MB sparsity=%.3f latency=%.2f ms/sample", logger._run_name,
+    log.info("%s: test_acc=%.4f size=%.1f MB sparsity=%.3f latency=%.2f ms/sample", compress_run_name(cfg),
              metrics.get("test_acc", float("nan")), stats["model_size_mb"], pruned.sparsity, timer.ms_per_sample)
     return metrics

@@ -68,10 +68,13 @@ def log_config(logger: Any, cfg: DictConfig) -> None:
 
 
 def mark_failed(logger: Any, exc: BaseException) -> None:
-    """Tag the job's run ``wattlog.error=<Type: message>`` and end it with status FAILED."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    """Tag the job's run ``wattlog.error=<Type: message>`` and end it with status FAILED.
 
-    run_id = logger.run_id
-    client = MlflowClient(tracking_uri=logger._tracking_uri)
-    client.set_tag(run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[:4900])
-    client.set_terminated(run_id, status="FAILED")
+    A failure to reach MLflow here is logged, never raised: the job's own error is the one to report.
+    """
+    try:
+        client, run_id = logger.experiment, logger.run_id
+        client.set_tag(run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[:4900])
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as mlflow_exc:  # noqa: BLE001
+        log.warning("could not record the failure in MLflow (%s: %s)", type(mlflow_exc).__name__, mlflow_exc)

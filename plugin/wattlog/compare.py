@@ -313,7 +313,8 @@ def _fetch_runs(
                     f"an MLflow search filter, e.g. \"params.lr = '0.1'\" ({exc.message})",
                 ) from None
             raise
-        found.extend(page)
+        # a sweep's parent run (tag wattlog.role=sweep) summarises its children: not a row of its own
+        found.extend(r for r in page if runs or r.data.tags.get("wattlog.role") != "sweep")
         token = page.token
         if not token:
             return found
@@ -459,7 +460,12 @@ def display_rows(
         ("CPU kWh", energy_cell("cpu_kwh", {"cpu"})),
         ("RAM kWh", energy_cell("ram_kwh", {"ram"})),
         ("gCO2e", energy_cell("emissions_g", None)),
-        ("J/sample", energy_cell("j_per_sample", None)),
+    ]
+    # training J/sample where any run trained; inference J/sample where any run was tested
+    for column, header in (("j_per_sample", "J/sample"), ("test_j_per_sample", "test J/sample")):
+        if column in df.columns and df[column].notna().any():
+            cols.append((header, energy_cell(column, None)))
+    cols += [
         ("avg W", lambda r: _fmt(r["avg_power_w"])),
         ("time s", lambda r: _fmt(r["duration_s"])),
     ]

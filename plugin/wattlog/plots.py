@@ -229,8 +229,9 @@ def plot_power_trace(
     rows = sorted(rows, key=lambda r: _float(r, "t_start_s"))
     fig = _figure(9.0, 4.0)
     ax = fig.add_subplot()
-    t0 = [_float(r, "t_start_s") for r in rows]
-    t1 = [_float(r, "t_end_s") for r in rows]
+    origin_s = _float(rows[0], "t_start_s") if rows else 0.0  # the trace's clock is perf_counter: show seconds since start
+    t0 = [_float(r, "t_start_s") - origin_s for r in rows]
+    t1 = [_float(r, "t_end_s") - origin_s for r in rows]
     layers = domain_power_w(rows)
     if layers:
         _stack_steps(ax, t0, t1, layers)
@@ -242,7 +243,7 @@ def plot_power_trace(
     if total_x:
         ax.plot(total_x, total_y, color="black", linewidth=0.8, label="power_w (total)")
     _shade_stages(ax, rows, t0, t1)
-    ax.set_xlabel("time (s)")
+    ax.set_xlabel("time since the first step (s)")
     ax.set_ylabel("power (W)")
     ax.set_title(title or f"power over {len(rows)} steps")
     ax.grid(True, alpha=0.3)

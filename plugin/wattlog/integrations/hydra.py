@@ -395,7 +395,8 @@ def make_mlflow_logger(
     """A Lightning ``MLFlowLogger`` for this job: a child of the energy sweep's parent run when in one.
 
     Logs the job's overrides as params (``train.max_epochs=2`` -> param ``train.max_epochs``).
-    Arguments as :func:`mlflow_run_kwargs`; ``logger_kwargs`` go to ``MLFlowLogger``.
+    Arguments as :func:`mlflow_run_kwargs`; ``logger_kwargs`` go to ``MLFlowLogger`` (``tags`` are
+    merged with the sweep's tags).
     """
     try:
         from lightning.pytorch.loggers import MLFlowLogger
@@ -405,6 +406,8 @@ def make_mlflow_logger(
     kwargs = mlflow_run_kwargs(
         cfg, experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri
     )
+    user_tags = dict(logger_kwargs.pop("tags", None) or {})
+    kwargs["tags"] = {**user_tags, **(kwargs.get("tags") or {})}  # the sweep's own tags win
     logger = MLFlowLogger(**kwargs, **logger_kwargs)
     params = overrides_as_params(job_overrides())
     if params:

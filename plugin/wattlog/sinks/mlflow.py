@@ -676,6 +676,8 @@ class MlflowSink:
             n_left = self._deliver(list(todo), dedupe=True)
         except Exception:
             self._deferred = todo  # an outage: the regular retries report it
+            if self._deliverer is not None:
+                self._deliverer.invalidate()
             return
         with self._cond:
             self._pending -= len(todo) - n_left

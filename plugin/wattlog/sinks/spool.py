@@ -305,11 +305,13 @@ def check_artifact_path(artifact_path: str | None) -> str | None:
         return None
     if not isinstance(artifact_path, str):
         raise ValueError("not a str")
+    if artifact_path.startswith("/"):
+        raise ValueError("absolute")
     p = artifact_path.rstrip("/")
     if not p:
         return None
     if (
-        p.startswith("/")
+        p == "."
         or "\\" in p
         or "\0" in p
         or ".." in p.split("/")

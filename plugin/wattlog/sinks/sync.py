@@ -233,6 +233,9 @@ class Deliverer:
         try:
             self.client.log_artifact(self.run_id, os.fspath(local), rec.artifact_path)
         except Exception as exc:
+            if is_permanent(exc):
+                out.rejected.append((seq, rec, describe(exc)))
+                return
             if not self._server_answers():
                 raise  # an outage: retried with everything else
             out.deferred.append((seq, rec, describe(exc)))  # the artifact store fails, not the server
