@@ -54,7 +54,7 @@ def main() -> None:
     print(f"mark(): {args.calls} calls, median {median_us:.2f} us, p99 {p99_us:.2f} us (target median <= 5 us)")
     print(f"sampler: cadence {DEFAULT_SAMPLE_INTERVAL_S * 1000:.0f} ms, 2 fake GPUs, {reads} counter reads, "
           f"CPU share {100 * cpu_share:.3f} % of one core over {args.seconds:.0f} s (target <= 1 %)")
-    print("note: the fake NVML's read is pure Python (~25 us per GPU); real NVML reads cost about the same order")
+    print("note: the fake NVML read is pure Python; the cost of real NVML reads was not measured here (no GPU)")
 
 
 if __name__ == "__main__":

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import stat
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -28,15 +22,15 @@ from wattlog.errors import ConfigError, SinkError, WattlogWarning  # noqa: E402
 from wattlog.sinks.mlflow import MlflowSink, Point, redact_uri, sync  # noqa: E402
 from wattlog.sinks.spool import ack_file, artifacts_dir, read_acks  # noqa: E402
 
+from mlflow_server import MlflowServer, free_port, make_template_db  # noqa: E402
+
 KEYS = [f"energy/k{j}" for j in range(5)]
 
 
 @pytest.fixture(scope="module")
 def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty, migrated MLflow sqlite database (creating one takes seconds; copying it does not)."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
+    return make_template_db(tmp_path_factory.mktemp("template") / "mlflow.db")
 
 
 @pytest.fixture
@@ -54,12 +48,6 @@ def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
     """Non-strict failure policy; MLflow's own HTTP retries off, so refusals surface at once."""
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_points(n_steps: int, keys: list[str] = KEYS, step0: int = 0) -> list[list[Point]]:
@@ -574,33 +562,6 @@ def test_rejects_bad_configuration():
 # --------------------------------------------------------------------- a real tracking server
 
 
-def _start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-           "--default-artifact-root", (db.parent / "artifacts").as_uri(),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.3)
-    _kill(proc)
-    raise RuntimeError("mlflow server did not become healthy")
-
-
-def _kill(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: uvicorn workers go too
-        proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_real_server_killed_and_restarted_mid_stream(tmp_path, template_db, lenient):
     db = tmp_path / "server.db"
@@ -608,29 +569,28 @@ def test_real_server_killed_and_restarted_mid_stream(tmp_path, template_db, leni
     local = MlflowClient(f"sqlite:///{db}")
     exp = local.create_experiment("srv", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = local.create_run(exp).info.run_id
-    port = free_port()
-    proc = None
+    server = MlflowServer(db)
     try:
-        proc = _start_server(db, port, tmp_path / "server.log")
+        server.start()
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            sink = MlflowSink(run_id, f"http://127.0.0.1:{port}", spool_dir=tmp_path / "spool",
+            sink = MlflowSink(run_id, server.uri, spool_dir=tmp_path / "spool",
                               batch_size=25, flush_interval_s=0.05, max_backoff_s=0.2)
             sink.start()
             steps = make_points(400)
             for s in range(200):
                 sink.log_points(steps[s])
                 time.sleep(0.002)
-            _kill(proc)  # crash mid-stream
+            server.kill()  # crash mid-stream
             for s in range(200, 300):
                 sink.log_points(steps[s])
             time.sleep(0.5)
-            proc = _start_server(db, port, tmp_path / "server.log")
+            server.start()
             for s in range(300, 400):
                 sink.log_points(steps[s])
             assert sink.flush(timeout_s=120)
             sink.close()
         assert len(unreachable_warnings(rec)) == 1
     finally:
-        _kill(proc)
+        server.kill()
     assert_exactly_once(local, run_id, 400)

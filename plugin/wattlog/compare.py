@@ -108,7 +108,10 @@ def compare_runs(
         ``delta_kwh_pct``, ``delta_<metric>`` with a baseline, then ``pareto`` (bool),
         ``estimated`` (comma list of estimated domain kinds, ``""`` when all measured),
         ``missing_energy`` (bool: no ``energy/total_kwh``; such runs are never on the front)
-        and ``params.<name>`` columns. Missing values are NaN.
+        and ``params.<name>`` columns. Missing values are NaN. A logged NaN or +-inf (MLflow's SQL
+        stores return +-inf as +-1.797e308) is read as NaN too, so such runs count as missing
+        that value (``missing_energy`` for ``energy/total_kwh``); ``df.attrs["non_finite"]``
+        lists them as ``"<run name>: <key>"``.
 
     Raises:
         ConfigError: unknown experiment, run, metric or baseline; bad mode or filter.
@@ -123,6 +126,7 @@ def compare_runs(
     found = _fetch_runs(client, experiments, runs, filter)
     exp_names = _experiment_names(client, {r.info.experiment_id for r in found})
     rows = [_row(r, metric, exp_names) for r in found]
+    non_finite = [f"{row['run_name']}: {key}" for row in rows for key in row.pop("_non_finite")]
 
     columns = list(BASE_COLUMNS)
     if metric is not None:
@@ -148,7 +152,7 @@ def compare_runs(
     param_df = _param_columns(found, params)
     if param_df:
         df = pd.concat([df, pd.DataFrame(param_df, index=df.index)], axis=1)
-    df.attrs.update(metric=metric, mode=mode)
+    df.attrs.update(metric=metric, mode=mode, non_finite=non_finite)
     if base_ref is not None:
         df.attrs["baseline_run_id"], df.attrs["baseline_run_name"] = base_ref
     return df
@@ -191,14 +195,15 @@ def energy_to_target(
     target_step = None
     for point in sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp)):
         reached = point.value >= value if mode == "max" else point.value <= value
-        if reached and math.isfinite(point.value):
+        if reached and is_finite_metric(point.value):
             target_step = point.step
             break
     if target_step is None:
         return math.nan
     by_step: dict[int, float] = {}
     for point in sorted(client.get_metric_history(run_id, "energy/total_kwh"), key=lambda m: m.timestamp):
-        by_step[point.step] = point.value
+        if is_finite_metric(point.value):
+            by_step[point.step] = point.value
     return interpolate_kwh(sorted(by_step.items()), target_step)
 
 
@@ -345,17 +350,38 @@ def _row(run: Any, metric: str | None, exp_names: dict[str, str]) -> dict[str, A
         "status": info.status,
         "start_time": _iso(info.start_time),
     }
-    duration_s = metrics.get("energy/duration_s")
-    if duration_s is None and info.start_time and info.end_time:
+    non_finite: list[str] = []
+
+    def value(key: str) -> float:
+        got = metrics.get(key)
+        if got is None:
+            return math.nan
+        if not is_finite_metric(got):
+            non_finite.append(key)
+            return math.nan
+        return float(got)
+
+    duration_s = value("energy/duration_s")
+    if math.isnan(duration_s) and info.start_time and info.end_time:
         duration_s = (info.end_time - info.start_time) / 1000.0
-    row["duration_s"] = math.nan if duration_s is None else duration_s
+    row["duration_s"] = duration_s
     for column, key in ENERGY_COLUMNS.items():
-        row[column] = metrics.get(key, math.nan)
+        row[column] = value(key)
     if metric is not None:
-        row[metric] = metrics.get(metric, math.nan)
+        row[metric] = value(metric)
     row["estimated"] = estimated_domains(data.params, data.tags)
-    row["missing_energy"] = "energy/total_kwh" not in metrics
+    row["missing_energy"] = math.isnan(row["total_kwh"])
+    row["_non_finite"] = non_finite
     return row
+
+
+def is_finite_metric(value: float) -> bool:
+    """False for NaN, +-inf and +-1.7976931348623157e308 (what MLflow's SQL stores return for +-inf)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and abs(number) < sys.float_info.max
 
 
 def estimated_domains(params: dict[str, str], tags: dict[str, str]) -> str:
@@ -493,6 +519,9 @@ def display_rows(
         notes.append("* includes estimated domains (CPU from TDP x utilisation, RAM from memory in use)")
     if df["missing_energy"].any():
         notes.append("— run logged no energy/total_kwh (shown, excluded from the front)")
+    if df.attrs.get("non_finite"):
+        shown = ", ".join(df.attrs["non_finite"][:5]) + (", ..." if len(df.attrs["non_finite"]) > 5 else "")
+        notes.append(f"— also where a NaN/inf value was logged, read as missing: {shown}")
     if "baseline_run_name" in df.attrs:
         notes.append(
             f"Δ against baseline run {df.attrs['baseline_run_name']} ({df.attrs['baseline_run_id']})"

@@ -7,13 +7,26 @@ rank, keeps the running totals and turns each training step into the contract's 
 
 ``energy/step_j``, ``energy/power_w``, ``energy/gpu_power_w``, ``energy/total_kwh``,
 ``energy/emissions_g`` and, with ``per_device``, ``energy/gpu{i}_power_w``.
+
+Memory stays bounded however long the run: the per-step rows of ``energy/trace.csv`` go to a
+:class:`TraceLog` (an unlinked temporary file written as the run goes, plus a decimated copy of at
+most ``max_plot_rows`` rows for the power chart), not to a list.
+
+Run attempts: a run that is killed and resumed from a checkpoint has several *attempts*. The
+ledger's state (what a checkpoint carries) lists them; :meth:`EnergyLedger.begin_attempt` starts
+one, :meth:`EnergyLedger.reconcile_rerun` takes what the previous attempt logged after the
+checkpoint (its steps were re-run) and makes the per-step history keep one point per step.
 """
 
 from __future__ import annotations
 
+import csv
+import itertools
 import math
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 from wattlog.meter import Segment
 from wattlog.units import J_PER_KWH, emissions_g
@@ -118,6 +131,134 @@ class LedgerState:
     stage_duration_s: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0
     kwh_to_target: float | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    rerun_j: float = 0.0
+
+
+TRACE_FIELDS = ("stage", "step", "attempt", "t_start_s", "t_end_s", "duration_s", "samples")
+
+
+class TraceLog:
+    """The rows of ``energy/trace.csv``, written as they come to an unlinked temporary file.
+
+    Memory is O(``max_plot_rows``): besides the file, it keeps at most ``max_plot_rows`` rows for the
+    power chart: every row until there are that many, then bins of 2, 4, ... consecutive rows merged
+    (joules and durations summed, so power stays the mean over the bin and the bins stay contiguous).
+
+    Args:
+        domains: the domain names (their ``<domain>_j`` columns); a record with a new domain
+            widens the header when the file is written out.
+        max_plot_rows: bound of :meth:`plot_rows`.
+    """
+
+    def __init__(self, domains: Iterable[str] = (), max_plot_rows: int = 5_000) -> None:
+        self.domains: list[str] = sorted(set(domains))
+        self.max_plot_rows = max(2, int(max_plot_rows))
+        self.rows = 0
+        self._file: IO[str] | None = None
+        self._writer: Any = None
+        self._file_domains: list[str] = []
+        self._known: set[str] = set(self.domains)
+        self._plot: list[dict[str, object]] = []
+        self._bin: dict[str, object] | None = None
+        self._bin_rows = 0
+        self._stride = 1
+
+    def append(self, rec: StepRecord, attempt: int = 1) -> None:
+        """Add the row of one record."""
+        new = [d for d in rec.energy_j if d not in self._known]
+        if new:
+            self.domains = sorted(set(self.domains) | set(new))
+            self._known.update(new)
+        if self._file is None:
+            self._file = tempfile.TemporaryFile("w+", newline="", prefix="wattlog-trace-")
+            self._writer = csv.writer(self._file)
+            self._file_domains = list(self.domains)
+        elif new:  # a late domain: a new trailing column (earlier rows are padded with 0 on write-out)
+            self._file_domains += [d for d in new if d not in self._file_domains]
+        row = _trace_row(rec, attempt, self._file_domains)
+        self._writer.writerow(row.values())
+        self._bin = row if self._bin is None else _merge_rows(self._bin, row)
+        self._bin_rows += 1
+        if self._bin_rows >= self._stride:
+            self._plot.append(self._bin)
+            self._bin, self._bin_rows = None, 0
+            if len(self._plot) > self.max_plot_rows:
+                self._plot = [_merge_rows(*self._plot[i:i + 2]) if i + 1 < len(self._plot) else self._plot[i]
+                              for i in range(0, len(self._plot), 2)]
+                self._stride *= 2
+        self.rows += 1
+
+    def _columns(self) -> list[str]:
+        return [*TRACE_FIELDS, "total_j", "power_w", *(f"{d}_j" for d in self._file_domains)]
+
+    def write_csv(self, path: str) -> int:
+        """Write ``energy/trace.csv`` (header + every row) to ``path``; returns the number of rows."""
+        cols = self._columns()
+        with open(path, "w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(cols)
+            if self._file is not None:
+                self._file.flush()
+                self._file.seek(0)
+                for line in csv.reader(self._file):
+                    writer.writerow(line + [0.0] * (len(cols) - len(line)) if len(line) < len(cols) else line)
+                self._file.seek(0, 2)
+        return self.rows
+
+    def plot_rows(self) -> list[dict[str, object]]:
+        """At most ``max_plot_rows`` (+1) contiguous rows or bins of rows, in time order (for the power chart)."""
+        return self._plot + ([self._bin] if self._bin is not None else [])
+
+    def all_rows(self) -> list[dict[str, object]]:
+        """Every row as a dict (reads the file back: memory grows with the run; for small runs)."""
+        cols = self._columns()
+        if self._file is None:
+            return []
+        self._file.flush()
+        self._file.seek(0)
+        rows = []
+        for line in csv.reader(self._file):
+            row: dict[str, object] = {}
+            for k, v in itertools.zip_longest(cols, line, fillvalue="0.0"):
+                row[k] = v if k == "stage" else (int(v) if k in ("step", "attempt", "samples") else float(v))
+            rows.append(row)
+        self._file.seek(0, 2)
+        return rows
+
+    def close(self) -> None:
+        """Delete the temporary file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _merge_rows(a: dict[str, object], b: dict[str, object]) -> dict[str, object]:
+    """Two consecutive trace rows as one: joules, samples and durations summed; a non-train stage wins."""
+    out = dict(a)
+    for k, v in b.items():
+        if k.endswith("_j") or k in ("duration_s", "samples"):
+            out[k] = out.get(k, 0.0) + v  # type: ignore[operator]
+        elif k not in out:
+            out[k] = v
+    out["t_end_s"], out["step"], out["attempt"] = b["t_end_s"], b["step"], b["attempt"]
+    if a["stage"] == "train":
+        out["stage"] = b["stage"]
+    duration_s = float(out["duration_s"])  # type: ignore[arg-type]
+    out["power_w"] = float(out["total_j"]) / duration_s if duration_s > 0 else 0.0  # type: ignore[arg-type]
+    return out
+
+
+def _trace_row(r: StepRecord, attempt: int, domains: list[str]) -> dict[str, object]:
+    """A trace row, keys in column order: ``TRACE_FIELDS``, ``total_j``, ``power_w``, ``<domain>_j``."""
+    row: dict[str, object] = {
+        "stage": r.stage, "step": r.step, "attempt": attempt, "t_start_s": r.start_s, "t_end_s": r.end_s,
+        "duration_s": r.duration_s, "samples": r.samples, "total_j": r.total_j,
+        "power_w": r.total_j / r.duration_s if r.duration_s > 0 else 0.0,
+    }
+    for d in domains:
+        row[f"{d}_j"] = r.energy_j.get(d, 0.0)
+    return row
 
 
 class EnergyLedger:
@@ -147,7 +288,8 @@ class EnergyLedger:
         self.per_device = per_device
         self.gpu_order = list(gpu_order or [d for d, k in domain_kinds.items() if k == "gpu"])
         self.state = LedgerState()
-        self.trace: list[StepRecord] = []
+        self.trace = TraceLog(domain_kinds)
+        self.suppress_through_step = -1  # train steps <= this were logged by an earlier attempt
         self._pending: dict[tuple[str, int], StepRecord] = {}
 
     # -- merging -----------------------------------------------------------------------------
@@ -203,8 +345,8 @@ class EnergyLedger:
             s.stage_samples[rec.stage] = s.stage_samples.get(rec.stage, 0) + rec.samples
             s.stage_duration_s[rec.stage] = s.stage_duration_s.get(rec.stage, 0.0) + rec.duration_s
         s.duration_s += rec.wall_s
-        self.trace.append(rec)
-        if rec.stage != "train":
+        self.trace.append(rec, self.attempt)
+        if rec.stage != "train" or rec.step <= self.suppress_through_step:
             return None
         return rec.step, self.step_metrics(rec)
 
@@ -267,16 +409,60 @@ class EnergyLedger:
         out["energy/emissions_g"] = self.emissions_g
         if s.kwh_to_target is not None:
             out["energy/kwh_to_target"] = s.kwh_to_target
+        if len(s.attempts) > 1 or s.rerun_j > 0:
+            out["energy/rerun_kwh"] = s.rerun_j / J_PER_KWH
         return out
+
+    # -- run attempts ------------------------------------------------------------------------
+
+    @property
+    def attempt(self) -> int:
+        """Number of the current attempt (1 for a run never resumed; 0 before ``begin_attempt``)."""
+        return len(self.state.attempts)
+
+    def begin_attempt(self, attempt_id: str, start_step: int) -> int:
+        """Start an attempt at ``start_step`` (the checkpoint's global step, 0 if none); returns its number."""
+        self.state.attempts.append({"id": attempt_id, "start_step": int(start_step)})
+        return self.attempt
+
+    def reconcile_rerun(self, total_kwh_by_step: dict[int, float], start_step: int) -> tuple[int, float]:
+        """Account what the previous attempt logged after the checkpoint this attempt resumed from.
+
+        The previous attempt (killed) logged ``energy/total_kwh`` at steps after ``start_step``;
+        those steps are re-run now. Policy: the per-step history keeps the *first* value logged for a
+        step (MLflow cannot delete points, and the killed attempt's points may already be delivered),
+        so this attempt does not log per-step keys for steps up to the previous attempt's last logged
+        step (:attr:`suppress_through_step`); its energy for them still counts in the totals. The
+        energy the killed attempt spent after the checkpoint, as far as it logged it, is wasted: it
+        is added to ``energy/rerun_kwh``, never to ``energy/total_kwh``.
+
+        Args:
+            total_kwh_by_step: ``energy/total_kwh`` values an earlier attempt logged, by step.
+            start_step: this attempt's first step minus one (the checkpoint's global step).
+
+        Returns:
+            (last step the previous attempt logged, wasted kWh); ``(start_step, 0.0)`` if none.
+        """
+        after = {s: v for s, v in total_kwh_by_step.items() if s > start_step and math.isfinite(v)}
+        if not after:
+            return start_step, 0.0
+        last = max(after)
+        wasted_j = max(0.0, after[last] * J_PER_KWH - self.state.total_j)
+        self.state.rerun_j += wasted_j
+        self.suppress_through_step = max(self.suppress_through_step, last)
+        if self.state.attempts:
+            self.state.attempts[-1].update({"rerun_through_step": last, "rerun_j": wasted_j})
+        return last, wasted_j / J_PER_KWH
 
     # -- resume ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, object]:
         s = self.state
         return {
-            "version": 1, "total_j": s.total_j, "kind_j": dict(s.kind_j), "stage_j": dict(s.stage_j),
+            "version": 2, "total_j": s.total_j, "kind_j": dict(s.kind_j), "stage_j": dict(s.stage_j),
             "stage_samples": dict(s.stage_samples), "stage_duration_s": dict(s.stage_duration_s),
             "duration_s": s.duration_s, "kwh_to_target": s.kwh_to_target,
+            "attempts": [dict(a) for a in s.attempts], "rerun_j": s.rerun_j,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -288,22 +474,12 @@ class EnergyLedger:
             stage_duration_s=dict(state.get("stage_duration_s", {})),  # type: ignore[arg-type]
             duration_s=float(state.get("duration_s", 0.0)),  # type: ignore[arg-type]
             kwh_to_target=state.get("kwh_to_target"),  # type: ignore[arg-type]
+            attempts=[dict(a) for a in state.get("attempts", [])],  # type: ignore[union-attr]
+            rerun_j=float(state.get("rerun_j", 0.0)),  # type: ignore[arg-type]
         )
 
     # -- trace artifact ----------------------------------------------------------------------
 
     def trace_rows(self) -> list[dict[str, object]]:
-        """One row per record for ``energy/trace.csv`` (joules per domain as ``<domain>_j``)."""
-        domains = sorted({k for r in self.trace for k in r.energy_j})
-        rows = []
-        for r in self.trace:
-            row: dict[str, object] = {
-                "stage": r.stage, "step": r.step, "t_start_s": r.start_s, "t_end_s": r.end_s,
-                "duration_s": r.duration_s, "samples": r.samples,
-            }
-            for d in domains:
-                row[f"{d}_j"] = r.energy_j.get(d, 0.0)
-            row["total_j"] = r.total_j
-            row["power_w"] = r.total_j / r.duration_s if r.duration_s > 0 else 0.0
-            rows.append(row)
-        return rows
+        """Every row of ``energy/trace.csv`` (joules per domain as ``<domain>_j``), read back from its file."""
+        return self.trace.all_rows()

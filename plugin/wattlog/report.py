@@ -80,7 +80,7 @@ def build_report(
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise ConfigError("run_id", run_id, "the id of an existing MLflow run") from None
         raise
     if metric is not None and metric not in run.data.metrics:
@@ -163,13 +163,16 @@ def _kwh(value: float | None) -> str:
 
 def summarize(run: Any, metric: str | None, metric_hist: list[tuple[int, float]], power_source: str) -> str:
     """A short plain-text summary of one run's energy (estimated figures marked ``*``)."""
-    from wattlog.compare import estimated_domains
+    from wattlog.compare import estimated_domains, is_finite_metric
 
     m, p, tags = run.data.metrics, run.data.params, run.data.tags
     estimated = set(filter(None, estimated_domains(p, tags).split(",")))
     lines = [f"run        {run.info.run_name or ''} ({run.info.run_id})  status {run.info.status}"]
     if "energy/total_kwh" not in m:
         lines.append("energy     — this run logged no energy/total_kwh")
+    elif not is_finite_metric(m["energy/total_kwh"]):
+        total = m["energy/total_kwh"]
+        lines.append(f"energy     — this run logged a non-finite energy/total_kwh ({total:g})")
     else:
         parts = []
         for kind in ("gpu", "cpu", "ram"):

@@ -89,8 +89,10 @@ class Sampler:
     """Reads every source every ``interval_s`` seconds on a daemon thread.
 
     A source that raises is marked dead (its trace stays flat from its last sample) and
-    ``on_failure(source_index, exc)`` is called once; ``on_note(text)`` is called for each
-    anomaly a source reports in ``Reading.notes``.
+    ``on_failure(source_index, exc)`` is called once, unless the exception has
+    ``transient = True``: then only this sample is skipped and ``on_note`` gets each of its
+    ``notes`` (or its message). ``on_note(text)`` is called for each anomaly a source reports
+    in ``Reading.notes``.
     """
 
     def __init__(
@@ -123,6 +125,10 @@ class Sampler:
             try:
                 reading = source.read()
             except Exception as exc:  # noqa: BLE001 - any failure degrades this source only
+                if getattr(exc, "transient", False):  # skip this sample: the trace interpolates the gap
+                    for note in getattr(exc, "notes", ()) or (str(exc),):
+                        self._on_note(note)
+                    continue
                 trace.dead_reason = f"{type(exc).__name__}: {exc}"
                 self._on_failure(i, exc)
                 continue

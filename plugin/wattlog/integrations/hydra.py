@@ -21,6 +21,7 @@ SearchPathPlugin imports it at every Hydra app start.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -182,7 +183,7 @@ def _check_gpus(value: Any) -> str | list[int]:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return [value]
-    if isinstance(value, (list, tuple)) and all(
+    if isinstance(value, (list, tuple)) and value and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
     ):
         return list(value)
@@ -195,9 +196,13 @@ def _check_target(target: dict[str, Any]) -> dict[str, Any] | None:
         if target.get("value") is not None:
             raise ConfigError("energy.target.metric", None, "the name of a logged metric, e.g. 'val_acc'")
         return None
-    if target.get("value") is None:
-        raise ConfigError("energy.target.value", None, "the metric value to reach, e.g. 0.85")
-    return {"metric": target["metric"], "value": float(target["value"]), "mode": target["mode"]}
+    if not str(target["metric"]).strip():
+        allowed = "the name of a logged metric, e.g. 'val_acc'"
+        raise ConfigError("energy.target.metric", target["metric"], allowed)
+    value = target.get("value")
+    if value is None or not math.isfinite(float(value)):
+        raise ConfigError("energy.target.value", value, "the finite metric value to reach, e.g. 0.85")
+    return {"metric": target["metric"], "value": float(value), "mode": target["mode"]}
 
 
 def energy_kwargs(cfg: Any) -> dict[str, Any] | None:
@@ -219,16 +224,47 @@ def energy_kwargs(cfg: Any) -> dict[str, Any] | None:
         return None
     kwargs["gpus"] = _check_gpus(kwargs["gpus"])
     kwargs["target"] = _check_target(kwargs["target"])
+    for name in ("country", "region", "spool_dir"):  # null means "not set"; an empty string is a mistake
+        if kwargs.get(name) is not None and not str(kwargs[name]).strip():
+            raise ConfigError(f"energy.{name}", kwargs[name], "null (unset) or a non-empty string")
     path = kwargs.get("batch_size_fn")
     if path is not None:
-        from hydra.utils import get_method
-
-        try:
-            kwargs["batch_size_fn"] = get_method(path)
-        except Exception as exc:
-            allowed = "the dotted path of a callable batch -> int"
-            raise ConfigError("energy.batch_size_fn", path, allowed) from exc
+        kwargs["batch_size_fn"] = _import_callable(path, "energy.batch_size_fn")
     return kwargs
+
+
+def _import_callable(path: str, field: str) -> Any:
+    """The callable at dotted ``path`` (``pkg.module.fn``); ConfigError naming ``field`` otherwise.
+
+    Not ``hydra.utils.get_method``: that logs an error line to stderr before raising.
+    """
+    import importlib
+
+    allowed = "the dotted path of a callable batch -> int, e.g. 'mypkg.data.batch_size'"
+    parts = str(path).split(".")
+    if len(parts) == 1:  # a builtin, as hydra.utils.get_method allows
+        import builtins
+
+        obj = getattr(builtins, parts[0], None) if parts[0] else None
+        if callable(obj):
+            return obj
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - the user's module failed to import: say which
+            why = f"{allowed} (importing it raised {type(exc).__name__}: {exc})"
+            raise ConfigError(field, path, why) from exc
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        if callable(obj):
+            return obj
+        break
+    raise ConfigError(field, path, allowed)
 
 
 def instantiate_energy(cfg: Any) -> list[Any]:
@@ -251,10 +287,20 @@ def instantiate_energy(cfg: Any) -> list[Any]:
     kwargs = energy_kwargs(cfg)
     if kwargs is None:
         return []
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    factory = instantiate({"_target_": kwargs.pop("_target_"), "_partial_": True})
-    return [factory(**kwargs)]
+    target = kwargs.pop("_target_")
+    try:
+        factory = instantiate({"_target_": target, "_partial_": True})
+    except InstantiationException as exc:
+        allowed = "an importable callback class, e.g. 'wattlog.EnergyMonitor'"
+        raise ConfigError("energy._target_", target, allowed) from exc
+    try:
+        return [factory(**kwargs)]
+    except ConfigError as exc:  # name the field as the user wrote it: energy.<field>
+        field = exc.field if exc.field.startswith("energy.") else f"energy.{exc.field}"
+        raise ConfigError(field, exc.value, exc.allowed) from None
 
 
 # ---------------------------------------------------------------- sweep-aware MLflow runs of a job

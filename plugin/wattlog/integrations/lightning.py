@@ -19,15 +19,34 @@ Logged keys (MLflow run of the trainer's ``MLFlowLogger``, else the active run):
   ``energy.ram_method``, ``energy.carbon_intensity_g_per_kwh``, ``energy.carbon_source``, ``energy.pue``;
   tags ``energy.estimated`` and, if anything degraded, ``energy.degraded``.
 - artifacts ``energy/trace.csv`` and ``energy/power.png``.
+- run attempts (see below): tags ``energy.attempts`` and ``energy.attempt.{n}``; summary
+  ``energy/rerun_kwh`` once the run was resumed; tag ``energy.partial`` when other ranks' energy
+  could not be collected (a rank died or stalled).
+
+Run attempts (kill and resume). Every ``fit`` start is an *attempt* with a fresh uuid; the
+checkpointed state lists the attempts, so a run resumed from ``last.ckpt`` into the same MLflow run
+(``MLFlowLogger(run_id=...)``) is attempt 2, 3, ... ``energy/total_kwh`` continues from the
+checkpoint's total. The steps after the checkpoint that a killed attempt had logged are re-run;
+MLflow cannot delete points, so the history keeps the *first* value logged for each step: the
+resumed attempt does not log per-step keys for steps up to the killed attempt's last logged step
+(found in the spool and the run's history), and the killed attempt's spooled points are delivered
+as they are (by the resumed sink, which reuses the spool, or by ``wattlog sync``). Each (key, step)
+thus has exactly one point. The energy the killed attempt spent after the checkpoint (as far as it
+logged it) is not in ``energy/total_kwh``; it is reported as ``energy/rerun_kwh``.
+
+Distributed collectives go through a dedicated gloo group with a timeout
+(``collective_timeout_s``); on a timeout or error wattlog stops collecting, warns once, tags
+``energy.partial`` and logs rank 0's own measurements from then on: a dead or stalled rank never
+makes the other ranks hang in a wattlog collective.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,6 +139,8 @@ class _EnergyMonitorImpl:
             ``<trainer.default_root_dir>/.wattlog/spool``).
         artifacts: log ``energy/trace.csv`` and ``energy/power.png``.
         powercap_root: the powercap sysfs root (tests use a fake tree).
+        collective_timeout_s: timeout of wattlog's own DDP collectives (a gloo group created at
+            setup); on timeout wattlog logs rank 0's measurements only, tagged ``energy.partial``.
     """
 
     def __init__(
@@ -143,6 +164,7 @@ class _EnergyMonitorImpl:
         spool_dir: str | os.PathLike[str] | None = None,
         artifacts: bool = True,
         powercap_root: str = "/sys/class/powercap",
+        collective_timeout_s: float = 120.0,
     ) -> None:
         from wattlog.carbon import validate_pue
         from wattlog.sources import validate_choices
@@ -156,6 +178,7 @@ class _EnergyMonitorImpl:
         _check_number("carbon_intensity", carbon_intensity, 0.0, allow_none=True)
         _check_number("sample_interval_s", sample_interval_s, 0.001, 10.0)
         _check_number("idle_baseline_s", idle_baseline_s, 0.0, 3600.0)
+        _check_number("collective_timeout_s", collective_timeout_s, 1.0, 86400.0)
         if log_every_n_steps is not None and not (
             isinstance(log_every_n_steps, int) and not isinstance(log_every_n_steps, bool) and log_every_n_steps >= 1
         ):
@@ -188,6 +211,7 @@ class _EnergyMonitorImpl:
         self.spool_dir = spool_dir
         self.artifacts = artifacts
         self.powercap_root = powercap_root
+        self.collective_timeout_s = float(collective_timeout_s)
         # run state
         self._meter: Any = None
         self._sink: Any = None
@@ -212,6 +236,12 @@ class _EnergyMonitorImpl:
         self._log_every = 1
         self._unsent: list[StepRecord] = []
         self._open_train_labels: list[StepLabel] = []
+        self._tracking_uri: str | None = None
+        self._run_id: str | None = None
+        self._group: Any = None
+        self._partial: str | None = None
+        self._attempt_id = uuid.uuid4().hex
+        self._resumed = False
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -251,6 +281,7 @@ class _EnergyMonitorImpl:
         local_rank = int(getattr(trainer, "local_rank", 0))
         if self._rank == 0 and self._sink is None:
             run_id, tracking_uri = self._resolve_run(trainer)
+            self._run_id, self._tracking_uri = run_id, tracking_uri
             from wattlog.sinks.mlflow import MlflowSink
 
             spool = self.spool_dir or os.environ.get("WATTLOG_SPOOL_DIR") or os.path.join(
@@ -273,6 +304,7 @@ class _EnergyMonitorImpl:
         self._meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.sample_interval_s)
         domains = self._meter.start()
         self._drained_j: dict[str, float] = {}
+        self._make_group()
         prefix = f"r{self._rank}." if self._world_size > 1 else ""
         local_kinds = {prefix + d.name: d.kind for d in domains}
         all_kinds = self._gather(local_kinds)
@@ -342,6 +374,53 @@ class _EnergyMonitorImpl:
                 pl_module.log("W", self._last_progress["power_w"], prog_bar=True, logger=False)
                 pl_module.log("kWh", self._last_progress["total_kwh"], prog_bar=True, logger=False)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Start a run attempt (after Lightning restored the checkpoint, if any); rank 0 only, no collective.
+
+        Logs tags ``energy.attempts`` and ``energy.attempt.{n}``; on a resume, reconciles the steps
+        the previous attempt logged after the checkpoint (see the module docstring).
+        """
+        if self._rank != 0 or self._ledger is None or self._sink is None:
+            return
+        start_step = int(trainer.global_step)
+        self._attempt_id = uuid.uuid4().hex  # a fresh id per fit start
+        n = self._ledger.begin_attempt(self._attempt_id, start_step)
+        tag = f"id={self._attempt_id} start_step={start_step}"
+        if self._resumed:
+            self._resumed = False
+            last, wasted_kwh = self._ledger.reconcile_rerun(self._previous_totals(start_step), start_step)
+            if last > start_step:
+                tag += f" rerun_steps={start_step + 1}-{last} rerun_kwh={wasted_kwh:.6g}"
+        self._sink.set_tags({"energy.attempts": n, f"energy.attempt.{n}": tag})
+
+    def _previous_totals(self, start_step: int) -> dict[int, float]:
+        """``energy/total_kwh`` by step (> ``start_step``) logged by earlier attempts: spool and run history."""
+        from wattlog.sinks import spool as _spool
+        from wattlog.sinks.spool import Point
+
+        by_step: dict[int, float] = {}
+        path = self._sink.spool_path
+        try:
+            if path.exists():
+                header, offset = _spool.read_header(path)
+                for _seq, rec, _a, _b in _spool.iter_records_from(path, offset):
+                    if type(rec) is Point and rec.key == "energy/total_kwh" and rec.step > start_step:
+                        by_step[rec.step] = rec.value
+        except (OSError, ValueError) as exc:
+            self._degrade(f"resume: cannot read the spool {path} ({exc}); re-run steps may get two points",
+                          exc)
+        try:
+            from wattlog.sinks.sync import default_client_factory, resolve_uri
+
+            client = default_client_factory(resolve_uri(self._tracking_uri))
+            for m in client.get_metric_history(self._run_id, "energy/total_kwh"):
+                if m.step > start_step:
+                    by_step.setdefault(int(m.step), float(m.value))
+        except Exception as exc:  # noqa: BLE001 - MLflow down at resume: the spool is the fallback
+            self._degrade(f"resume: cannot read the run's energy/total_kwh history ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); re-run steps may get two points", exc)
+        return by_step
+
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._mark(StepLabel("val", trainer.global_step))
 
@@ -380,6 +459,9 @@ class _EnergyMonitorImpl:
         self._finish_stage(trainer, "predict")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self._world_size > 1 and self._partial is None:
+            self._partial = (f"the fit failed ({type(exception).__name__}); other ranks' energy since the "
+                             "last logging boundary is missing")
         self._shutdown(trainer, collective=False)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -474,6 +556,8 @@ class _EnergyMonitorImpl:
         degraded = [r for r in self._degraded_reasons()]
         if degraded:
             tags["energy.degraded"] = "; ".join(degraded)[:4000]
+        if self._partial:
+            tags["energy.partial"] = self._partial[:4000]
         self._sink.set_tags(tags)
         if self.artifacts:
             self._log_artifacts()
@@ -502,17 +586,13 @@ class _EnergyMonitorImpl:
 
     def _log_artifacts(self) -> None:
         assert self._ledger is not None and self._sink is not None
-        rows = self._ledger.trace_rows()
-        if not rows:
+        if not self._ledger.trace.rows:
             return
         with tempfile.TemporaryDirectory(prefix="wattlog-") as tmp:
             trace_path = os.path.join(tmp, "trace.csv")
-            fields = list(dict.fromkeys(k for r in rows for k in r))
-            with open(trace_path, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            self._ledger.trace.write_csv(trace_path)  # streamed from the trace file: O(1) memory
             self._sink.log_artifact(trace_path, "energy")
+            rows = self._ledger.trace.plot_rows()  # at most 5,000 contiguous bins of steps
             try:
                 from wattlog.plots import plot_power_trace
 
@@ -523,17 +603,53 @@ class _EnergyMonitorImpl:
 
     # -- distributed -------------------------------------------------------------------------
 
+    def _make_group(self) -> None:
+        """Create wattlog's gloo group with ``collective_timeout_s`` (setup: every rank gets here)."""
+        if self._world_size <= 1 or self._group is not None:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        from datetime import timedelta
+
+        try:
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.collective_timeout_s))
+        except Exception as exc:  # noqa: BLE001 - gloo missing: fall back to the default group
+            self._group = None
+            self._degrade(f"cannot create a gloo group for wattlog's collectives ({exc}); using the default "
+                          "group, whose timeout is the strategy's", exc)
+
     def _gather(self, obj: Any) -> list[Any]:
-        """All ranks' objects, in rank order (one collective; every rank must call it)."""
-        if self._world_size <= 1:
+        """All ranks' objects, in rank order (one collective; every rank must call it).
+
+        Bounded by ``collective_timeout_s``: on a timeout or error (a rank died or stalled) wattlog
+        stops collecting for the rest of the run, warns once and returns only this rank's object;
+        rank 0 then logs its own measurements and the run is tagged ``energy.partial``.
+        """
+        if self._world_size <= 1 or self._partial is not None:
             return [obj]
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return [obj]
         out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj, group=self._group)
+        except Exception as exc:  # noqa: BLE001 - DistBackendError / RuntimeError: timeout, peer gone
+            self._stop_collecting(f"a wattlog collective failed on rank {self._rank} ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); from here on "
+                                  "rank 0 logs its own measurements only", exc)
+            return [obj]
         return out
+
+    def _stop_collecting(self, reason: str, exc: BaseException | None = None) -> None:
+        self._partial = reason
+        if self._ledger is not None:
+            self._ledger.world_size = 1  # account rank 0's records as they come; pending ones at the end
+        if self._sink is not None:  # at once: the job may yet be killed before its end
+            self._sink.set_tags({"energy.partial": reason[:4000]})
+        self._degrade(reason, exc)
 
     def _sum_gathered(self, value: float) -> float:
         return float(sum(self._gather(value)))
@@ -578,6 +694,7 @@ class _EnergyMonitorImpl:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)
+        self._resumed = True
         if self._ledger is not None:
             self._ledger.load_state_dict(self._loaded_state)
 

@@ -110,7 +110,9 @@ class MlflowSink:
         batch_size: send when this many points are waiting (sent in calls of at most 1000).
         flush_interval_s: send whatever is waiting at least this often.
         max_backoff_s: longest wait between retries (0.5 s doubling up to this).
-        max_buffer_points: unsent records kept in memory; older ones are re-read from the spool.
+        max_buffer_points: most records (queued plus unsent) held in memory: beyond it the oldest live only
+            in the spool (written by a spooler thread even while the writer waits on MLflow) and are
+            re-read from it; without a usable spool the oldest are dropped (one warning).
         _client_factory: private, for tests: ``tracking_uri -> MlflowClient``-like object.
     """
 
@@ -126,8 +128,9 @@ class MlflowSink:
         *,
         _client_factory: ClientFactory | None = None,
     ) -> None:
-        if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
-            raise ConfigError("run_id", run_id, "a non-empty MLflow run id")
+        if not _spool.valid_run_id(run_id):
+            raise ConfigError("run_id", run_id, "an MLflow run id: 1-256 of [A-Za-z0-9_-], not starting with "
+                              "'_' or '-'")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size", batch_size, "an int >= 1")
         if not flush_interval_s > 0:
@@ -165,7 +168,14 @@ class MlflowSink:
         self._valid_keys: set[str] = set()
         self._warned: set[str] = set()
 
-        # Writer side (only the writer thread touches these after start()).
+        # Writer side: the writer thread, and the spooler thread that keeps the spool current while
+        # the writer waits on the network; both hold _state_lock while they touch these.
+        self._state_lock = threading.RLock()
+        self._spool_wake = threading.Event()
+        self._spooler: threading.Thread | None = None
+        self._spooler_stop = False
+        self._peak_buffered = 0
+        self._dropped = 0
         self._next_seq = 1
         self._unsent: deque[tuple[int, Record, int | None]] = deque()  # (seq, record, spool offset)
         self._spool_f: Any = None
@@ -191,6 +201,16 @@ class MlflowSink:
         return self._spool_path
 
     @property
+    def buffered_records(self) -> int:
+        """Records held in memory now (queued plus unsent); ``<= max_buffer_points`` after each log call."""
+        return len(self._queue) + len(self._unsent)
+
+    @property
+    def peak_buffered_records(self) -> int:
+        """The most unsent records ever held in memory at once by the writer (the spill keeps it <= the cap)."""
+        return self._peak_buffered
+
+    @property
     def pending_points(self) -> int:
         """Records (points, params, tags, artifacts) logged, or left by an earlier session, not yet acknowledged."""
         return self._pending
@@ -212,7 +232,9 @@ class MlflowSink:
             self._low_unacked = self._compute_low()
         self._next_send_at = time.monotonic() + self._flush_interval_s
         self._thread = threading.Thread(target=self._run, name="wattlog-mlflow-writer", daemon=True)
+        self._spooler = threading.Thread(target=self._spool_loop, name="wattlog-mlflow-spooler", daemon=True)
         self._started = True
+        self._spooler.start()
         self._thread.start()
         atexit.register(self._atexit_close)
 
@@ -246,6 +268,17 @@ class MlflowSink:
             self._enqueued += len(ok)
             self._pending += len(ok)
         self._wake.set()
+        self._spool_wake.set()
+        if len(self._queue) + len(self._unsent) > self._max_buffer:
+            self._caller_drain()
+
+    def _caller_drain(self) -> None:
+        """Hard memory cap: the spooler fell behind, so the caller moves the queue into the spool itself."""
+        if not self._started or self._closed:
+            return
+        with self._state_lock:
+            if len(self._queue) + len(self._unsent) > self._max_buffer:
+                self._drain()
 
     def _enqueue(self, records: list[Record], what: str) -> None:
         if self._closed:
@@ -258,6 +291,7 @@ class MlflowSink:
             self._enqueued += len(records)
             self._pending += len(records)
         self._wake.set()
+        self._spool_wake.set()
 
     def _key_ok(self, key: str, what: str = "points with invalid MLflow metric key") -> bool:
         """Check a key once: valid keys are remembered; a bad one raises in strict mode, else warns once."""
@@ -351,7 +385,8 @@ class MlflowSink:
             SinkError: (strict mode only) the sink is closed.
         """
         recs: list[Record] = [
-            RunRecord("param", str(k), str(v)) for k, v in params.items() if self._key_ok(str(k), "param")
+            RunRecord("param", str(k), redact_text(str(v)))
+            for k, v in params.items() if self._key_ok(str(k), "param")
         ]
         self._enqueue(recs, f"{len(recs)} params")
 
@@ -363,7 +398,7 @@ class MlflowSink:
             SinkError: (strict mode only) the sink is closed.
         """
         recs: list[Record] = [
-            RunRecord("tag", str(k), str(v)) for k, v in tags.items() if self._key_ok(str(k), "tag")
+            RunRecord("tag", str(k), redact_text(str(v))) for k, v in tags.items() if self._key_ok(str(k), "tag")
         ]
         self._enqueue(recs, f"{len(recs)} tags")
 
@@ -503,7 +538,17 @@ class MlflowSink:
             self._pending += n_unacked
 
     def _drain(self) -> None:
-        """Move queued records into the unsent buffer, appending them to the spool first."""
+        """:meth:`_drain_locked` under ``_state_lock`` (the writer, the spooler and the caller may drain)."""
+        with self._state_lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        """Move queued records into the unsent buffer, appending them to the spool first.
+
+        Beyond ``max_buffer_points`` unsent records, the oldest ones are spilled: they live only in the
+        spool and are read back when their turn comes. Without a usable spool they cannot be spilled;
+        the oldest are then dropped (one warning) so that memory stays bounded.
+        """
         q = self._queue
         if not q:
             return
@@ -533,11 +578,23 @@ class MlflowSink:
                 self._disable_spool(exc)
                 entries = [(s, p, None) for s, p, _ in entries]
         self._unsent.extend(entries)
-        while len(self._unsent) > self._max_buffer and self._unsent[0][2] is not None:
+        dropped = 0
+        while len(self._unsent) > self._max_buffer:
             seq, _p, off = self._unsent.popleft()
+            if off is None:
+                dropped += 1
+                continue
             if self._spill_offset is None:
                 self._spill_offset, self._spill_low = off, seq
             self._spill_end = seq
+        self._peak_buffered = max(self._peak_buffered, len(self._unsent))
+        if dropped:
+            self._dropped += dropped
+            with self._cond:
+                self._pending -= dropped
+            self._report("dropped", f"the spool at {self._spool_path} is unusable and MLflow is behind: dropped "
+                         f"the oldest unsent records to keep memory under max_buffer_points="
+                         f"{self._max_buffer} ({self._dropped} so far)")
         self._publish()
 
     def _disable_spool(self, exc: BaseException) -> None:
@@ -555,13 +612,14 @@ class MlflowSink:
         self._spool_f = self._ack_f = None
 
     def _write_acks(self, seqs: Iterable[int]) -> None:
-        if self._ack_f is None:
-            return
-        try:
-            self._ack_f.write(_spool.ack_lines(seqs))
-            self._ack_f.flush()
-        except OSError as exc:
-            self._disable_spool(exc)
+        with self._state_lock:
+            if self._ack_f is None:
+                return
+            try:
+                self._ack_f.write(_spool.ack_lines(seqs))
+                self._ack_f.flush()
+            except OSError as exc:
+                self._disable_spool(exc)
 
     # ------------------------------------------------------------------ sending (writer side)
 
@@ -575,19 +633,19 @@ class MlflowSink:
         return min(low, self._deferred[0][0]) if self._deferred else low
 
     def _publish(self) -> None:
-        with self._cond:
+        with self._state_lock, self._cond:
             self._low_unacked = self._compute_low()
             self._cond.notify_all()
 
     def _has_work(self) -> bool:
         return bool(self._unsent) or self._spill_offset is not None
 
-    def _next_batch(self, force: bool) -> tuple[list[tuple[int, Record]], str, int, bool] | None:
-        """The next batch to send: (entries, source, spool offset after it, spill exhausted)."""
+    def _next_batch(self, force: bool) -> tuple[list[tuple[int, Record]], str, int, int] | None:
+        """The next batch to send (hold _state_lock): (entries, source, spool offset after it, last seq covered)."""
         limit = min(self._batch_size, MAX_METRICS_PER_BATCH)
         if self._spill_offset is not None:
             out: list[tuple[int, Record]] = []
-            next_off, exhausted = self._spill_offset, True
+            next_off, last = self._spill_offset, self._spill_end
             try:
                 for seq, p, _start, end in _spool.iter_records_from(self._spool_path, self._spill_offset):
                     if seq > self._spill_end:
@@ -598,7 +656,7 @@ class MlflowSink:
                     if seq == self._spill_end:
                         break
                     if len(out) >= limit:
-                        exhausted = False
+                        last = seq
                         break
             except OSError as exc:
                 self._spill_offset = None
@@ -609,40 +667,50 @@ class MlflowSink:
                              f"{self._spool_path} ({describe(exc)}); they are lost", once=False)
                 self._publish()
                 return self._next_batch(force)
-            return out, "spool", next_off, exhausted
+            return out, "spool", next_off, last
         if not self._unsent or (not force and len(self._unsent) < self._batch_size):
             return None
         n = min(limit, len(self._unsent))
-        return [(self._unsent[i][0], self._unsent[i][1]) for i in range(n)], "memory", 0, False
+        entries = [(self._unsent[i][0], self._unsent[i][1]) for i in range(n)]
+        return entries, "memory", 0, entries[-1][0]
 
     def _send_ready(self, force: bool) -> bool:
         """Send batches while there is something to send. Returns False after a failed attempt."""
         while True:
-            self._drain()
-            nxt = self._next_batch(force)
+            with self._state_lock:
+                self._drain()
+                nxt = self._next_batch(force)
             if nxt is None:
                 return True
-            entries, source, next_off, exhausted = nxt
+            entries, source, next_off, last = nxt
             n_deferred = 0
-            if entries:
+            if entries:  # the network call: the spooler keeps draining meanwhile, and may spill
                 try:
                     n_deferred = self._deliver(entries, dedupe=entries[0][0] <= self._dedupe_through)
                 except Exception as exc:
                     self._on_failure(exc, entries)
                     return False
-            if source == "spool":
-                if exhausted:
-                    self._spill_offset = None
-                else:
-                    self._spill_offset = next_off
-                    self._spill_low = entries[-1][0] + 1 if entries else self._spill_low
-            else:
-                for _ in entries:
-                    self._unsent.popleft()
-            self._failures = 0
-            with self._cond:
-                self._pending -= len(entries) - n_deferred
-            self._publish()
+            with self._state_lock:
+                self._consume(source, next_off, last)
+                self._failures = 0
+                with self._cond:
+                    self._pending -= len(entries) - n_deferred
+                self._publish()
+
+    def _consume(self, source: str, next_off: int, last: int) -> None:
+        """Forget records up to seq ``last`` once sent (hold _state_lock).
+
+        While a batch from memory was in flight, the spooler may have spilled some of it: the spill
+        then starts at or before ``last`` and skips what was sent.
+        """
+        if source == "spool" and self._spill_offset is not None:
+            self._spill_offset = next_off
+        while self._unsent and self._unsent[0][0] <= last:
+            self._unsent.popleft()
+        if self._spill_offset is not None:
+            self._spill_low = max(self._spill_low, last + 1)
+            if self._spill_low > self._spill_end:
+                self._spill_offset = None
 
     def _deliver(self, entries: list[tuple[int, Record]], dedupe: bool) -> int:
         """Send, ack what is settled, delete delivered artifact copies. Returns the number deferred.
@@ -657,25 +725,27 @@ class MlflowSink:
         self._write_acks(seq for seq, _ in entries if seq not in deferred)
         for seq, rec in entries:
             if type(rec) is ArtifactRecord and seq not in deferred:
-                _spool.remove_artifact_copy(rec.file, self._spool_dir)
+                _spool.remove_artifact_copy(rec.file, self._spool_dir, self._run_id)
         for seq, rec, why in out.rejected:
             self._report(f"rejected-{_spool.record_kind(rec)}",
                          f"MLflow rejected {describe_record(rec)} (seq {seq}): {why}; it was dropped")
         for seq, rec, why in out.deferred:
             assert isinstance(rec, ArtifactRecord)
-            self._deferred.append((seq, rec))
+            with self._state_lock:
+                self._deferred = sorted([*self._deferred, (seq, rec)], key=lambda e: e[0])
             self._report("artifact", f"could not upload {describe_record(rec)} while MLflow answers ({why}); "
                          "it is retried at flush and close, its copy stays in the spool for `wattlog sync`")
-        self._deferred.sort(key=lambda e: e[0])
         return len(deferred)
 
     def _retry_deferred(self) -> None:
         """One more try for artifacts the artifact store refused; they do not hold back other records."""
-        todo, self._deferred = self._deferred, []
+        with self._state_lock:
+            todo, self._deferred = self._deferred, []
         try:
             n_left = self._deliver(list(todo), dedupe=True)
         except Exception:
-            self._deferred = todo  # an outage: the regular retries report it
+            with self._state_lock:
+                self._deferred = sorted([*todo, *self._deferred], key=lambda e: e[0])  # an outage: retried
             if self._deliverer is not None:
                 self._deliverer.invalidate()
             return
@@ -700,18 +770,40 @@ class MlflowSink:
             f"(tracking URI {redact_uri(self._uri)}: {describe(exc)})",
         )
 
+    def _spool_loop(self) -> None:
+        """Keep the spool current while the writer thread waits on MLflow: memory stays bounded."""
+        try:
+            while True:
+                self._spool_wake.wait()
+                self._spool_wake.clear()
+                if self._spooler_stop:
+                    return
+                with self._state_lock:
+                    self._drain()
+        except BaseException as exc:  # a bug: never die silently; the writer still drains
+            self._report("spooler", f"the spool writer thread stopped: {describe(exc)}", once=False)
+
     def _run(self) -> None:
         try:
             self._loop()
         except BaseException as exc:  # a bug in the writer: never die silently
             self._report("writer", f"the MLflow writer thread stopped: {describe(exc)}", once=False)
         finally:
-            for f in (self._spool_f, self._ack_f):
+            self._spooler_stop = True
+            self._spool_wake.set()
+            if self._spooler is not None:
+                self._spooler.join(5.0)
+            with self._state_lock:
                 try:
-                    if f is not None:
-                        f.close()
-                except OSError:
+                    self._drain()  # whatever is still queued goes to the spool for `wattlog sync`
+                except Exception:  # noqa: BLE001 - best effort at shutdown
                     pass
+                for f in (self._spool_f, self._ack_f):
+                    try:
+                        if f is not None:
+                            f.close()
+                    except OSError:
+                        pass
             with self._cond:
                 self._cond.notify_all()
 

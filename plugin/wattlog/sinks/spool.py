@@ -40,6 +40,13 @@ _DIR_MODE = 0o700
 _SECRET_QUERY_KEYS = ("token", "password", "passwd", "secret", "key", "sig", "signature", "credential")
 _USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
 _SECRET_ENV_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,255}$")  # MLflow's run id rule, ASCII only
+_TEMP_COPY_PREFIX = "wattlog-artifact-"
+
+
+def valid_run_id(run_id: object) -> bool:
+    """True for an MLflow run id (``[A-Za-z0-9][A-Za-z0-9_-]{0,255}``): safe as a file name."""
+    return isinstance(run_id, str) and _RUN_ID_RE.match(run_id) is not None
 
 
 @dataclass(frozen=True)
@@ -232,8 +239,8 @@ def parse_record(line: bytes) -> tuple[int, Record] | None:
         if kind in ("param", "tag"):
             return int(obj["seq"]), RunRecord(kind, str(obj["k"]), str(obj["v"]))
         if kind == "artifact":
-            p = obj["p"]
-            return int(obj["seq"]), ArtifactRecord(str(obj["f"]), None if p is None else str(p), int(obj["n"]))
+            p = check_artifact_path(None if obj["p"] is None else str(obj["p"]))
+            return int(obj["seq"]), ArtifactRecord(str(obj["f"]), p, int(obj["n"]))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return None
@@ -243,13 +250,15 @@ def read_header(path: Path) -> tuple[dict[str, object], int]:
     """The header of a spool file and the byte offset of its first point line.
 
     Raises:
-        ValueError: the file does not start with a wattlog spool header.
+        ValueError: the file does not start with a wattlog spool header, or its run id is not a valid one.
     """
     with open(path, "rb") as f:
         first = f.readline()
     header = parse_header(first) if first.endswith(b"\n") else None
     if header is None:
         raise ValueError(f"{path} is not a wattlog spool file (bad header)")
+    if not valid_run_id(header["run_id"]):
+        raise ValueError(f"{path} names an invalid MLflow run id {str(header['run_id'])[:80]!r}")
     return header, len(first)
 
 
@@ -342,7 +351,7 @@ def copy_artifact(src: Path, root: Path, spool_dir: Path | None) -> tuple[str, i
             out.flush()
             size = out.tell()
     except BaseException:
-        remove_artifact_copy(str(dst), None)
+        _remove_copy(dst)
         raise
     if spool_dir is not None:
         try:
@@ -352,15 +361,45 @@ def copy_artifact(src: Path, root: Path, spool_dir: Path | None) -> tuple[str, i
     return str(dst), size
 
 
-def resolve_artifact_copy(file: str, spool_dir: Path | None) -> Path:
-    """The absolute path of a spooled artifact copy."""
+def resolve_artifact_copy(file: str, spool_dir: Path | None, run_id: str) -> Path:
+    """The absolute path of a spooled artifact copy of ``run_id``, checked to be one wattlog made.
+
+    A copy lives at ``<spool_dir>/<run_id>.artifacts/<unique>/<name>`` (stored relative), or, when the
+    spool was not writable, at ``<tempdir>/wattlog-artifact-*/<unique>/<name>``. A spool line naming
+    anything else (a hand-edited or foreign spool) is refused, so ``wattlog sync`` never uploads or
+    deletes files outside these directories.
+
+    Raises:
+        ValueError: ``file`` is not such a path.
+    """
+    if "\0" in file or "\\" in file:
+        raise ValueError(f"artifact copy {file[:200]!r} is not a wattlog spool copy")
     p = Path(file)
-    return p if p.is_absolute() or spool_dir is None else spool_dir / p
+    parts = p.parts
+    if ".." in parts or posixpath.normpath(file) != file:
+        raise ValueError(f"artifact copy {file[:200]!r} is not a wattlog spool copy")
+    if not p.is_absolute():
+        if spool_dir is None or len(parts) != 3 or parts[0] != f"{run_id}.artifacts":
+            raise ValueError(f"artifact copy {file[:200]!r} is outside {run_id}.artifacts/ in the spool")
+        return spool_dir / p
+    if len(parts) < 4 or not parts[-3].startswith(_TEMP_COPY_PREFIX) or p.parents[2] != Path(tempfile.gettempdir()):
+        raise ValueError(f"artifact copy {file[:200]!r} is outside the spool and wattlog's temporary copies")
+    return p
 
 
-def remove_artifact_copy(file: str, spool_dir: Path | None) -> None:
-    """Delete a delivered artifact copy and its (then empty) private directory; errors are ignored."""
-    p = resolve_artifact_copy(file, spool_dir)
+def remove_artifact_copy(file: str, spool_dir: Path | None, run_id: str) -> None:
+    """Delete a delivered artifact copy and its (then empty) private directory; errors are ignored.
+
+    Only paths :func:`resolve_artifact_copy` accepts are touched.
+    """
+    try:
+        p = resolve_artifact_copy(file, spool_dir, run_id)
+    except ValueError:
+        return
+    _remove_copy(p)
+
+
+def _remove_copy(p: Path) -> None:
     for fn, target in ((os.remove, p), (os.rmdir, p.parent)):
         try:
             fn(target)

@@ -226,7 +226,11 @@ class Deliverer:
         if dedupe and self._listed_size(rec) == rec.size:
             out.skipped += 1
             return
-        local = _spool.resolve_artifact_copy(rec.file, self.spool_dir)
+        try:
+            local = _spool.resolve_artifact_copy(rec.file, self.spool_dir, self.run_id)
+        except ValueError as exc:
+            out.rejected.append((seq, rec, str(exc)))
+            return
         if not local.is_file():
             out.rejected.append((seq, rec, f"its spooled copy {local} is missing"))
             return
@@ -361,7 +365,7 @@ def _sync_file(
             ack_f.flush()  # type: ignore[attr-defined]
             for _seq, r in done:
                 if isinstance(r, ArtifactRecord):
-                    _spool.remove_artifact_copy(r.file, spool_dir)
+                    _spool.remove_artifact_copy(r.file, spool_dir, run_id)
             total.sent.update(out.sent)
             total.skipped += out.skipped
             total.rejected += out.rejected

@@ -61,10 +61,13 @@ def validate_choices(gpus: object, cpu: object, ram: object) -> None:
             raise ConfigError("gpus", gpus, "'auto', 'none' or a list of CUDA device indices")
     elif not (
         isinstance(gpus, Sequence)
+        and not isinstance(gpus, (bytes, bytearray))
+        and len(gpus) > 0
         and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpus)
         and len(set(gpus)) == len(gpus)
     ):
-        raise ConfigError("gpus", gpus, "'auto', 'none' or a list of distinct CUDA device indices >= 0")
+        allowed = "'auto', 'none' or a non-empty list of distinct CUDA device indices >= 0"
+        raise ConfigError("gpus", gpus, allowed)
     if cpu not in CPU_CHOICES:
         raise ConfigError("cpu", cpu, CPU_CHOICES)
     if ram not in RAM_CHOICES:
@@ -176,6 +179,9 @@ def select_sources(
         SourceUnavailable: an explicitly requested source cannot measure here.
     """
     validate_choices(gpus, cpu, ram)
+    if not isinstance(powercap_root, (str, os.PathLike)) or not os.fspath(powercap_root):
+        allowed = "a path to the powercap sysfs tree, e.g. /sys/class/powercap"
+        raise ConfigError("powercap_root", powercap_root, allowed)
     return [_select_gpu(gpus, require_gpu_counter)] + _select_cpu_ram(
         cpu, ram, os.fspath(powercap_root), cpu_scope, ram_scope
     )

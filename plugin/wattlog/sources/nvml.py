@@ -10,6 +10,12 @@ Per device, the best available method is chosen at ``start()``:
 ``pynvml`` is imported inside :meth:`NvmlGpu.start` and :func:`list_gpus`, never at import time.
 NVML ignores ``CUDA_VISIBLE_DEVICES``, so CUDA ordinals are mapped to NVML devices by UUID.
 A MIG slice has no power reading of its own: wattlog refuses to measure one rather than invent it.
+
+Faults are handled per device (see :meth:`NvmlGpu.read`): a lost GPU stops accruing while the others
+go on; a failed read is skipped (the counter is cumulative, nothing is lost); counter resets,
+backwards and implausible forward jumps never yield negative or above-power-limit energy; a counter
+that stops moving while instant power is above 0 W is flagged. Each adds a note that the meter turns
+into an ``energy.degraded`` reason.
 """
 
 from __future__ import annotations
@@ -31,6 +37,12 @@ _FALLBACK_MAX_W = 2000.0
 """Plausibility ceiling per GPU when the driver reports no power limit."""
 _COUNTER_GRACE_S = 0.1
 """Slack for the counter's own update lag when judging whether a delta is plausible."""
+_FATAL_CODES = frozenset({9, 15, 16})
+"""NVML error codes after which a device is gone for good: driver not loaded, GPU lost, reset required."""
+_DEAD_AFTER_S = 10.0
+"""A device whose reads keep failing (after the retry) for this long stops accruing energy."""
+_STUCK_AFTER_S = 2.0
+"""A counter that has not moved for this long while instant power reads > 0 W is flagged as stuck."""
 # nvmlValueType_t -> attribute of c_nvmlValue_t (double, uint, ulong, ulonglong, slonglong, sint, ushort)
 _VALUE_ATTRS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 
@@ -264,7 +276,8 @@ class _Device:
     __slots__ = (
         "index", "name", "uuid", "handle", "method", "power_limit_w", "cap_w", "mig_enabled",
         "start_raw_mj", "last_raw_mj", "energy_j", "window_start_s", "last_read_s", "integrator",
-        "domain", "reset_note", "cap_note",
+        "domain", "reset_note", "cap_note", "dead", "fail_since_s", "last_change_s", "rate_w",
+        "has_instant", "stuck_checked",
     )
 
     def __init__(self, index: int, handle: Any) -> None:
@@ -272,6 +285,12 @@ class _Device:
         self.domain = f"gpu{index}"
         self.reset_note = f"gpu{index}: counter went backwards (reset?)"
         self.cap_note = f"gpu{index}: energy jump above power limit capped"
+        self.dead: str | None = None
+        self.fail_since_s: float | None = None
+        self.last_change_s = 0.0
+        self.rate_w: float | None = None
+        self.has_instant = False
+        self.stuck_checked = False
         self.handle = handle
         self.name = ""
         self.uuid = ""
@@ -391,6 +410,7 @@ class NvmlGpu(EnergySource):
         dev.mig_enabled = _mig_enabled(nvml, handle)
         if _is_mig_handle(nvml, handle) or (dev.mig_enabled and self._indices is None):
             raise SourceUnavailable(_mig_message(f"GPU {index} ({dev.name}, {dev.uuid})"))
+        dev.has_instant = _probe_instant(nvml, handle, field_id)
         if _probe_counter(nvml, handle):
             dev.method = "counter"
         elif self.require_counter:
@@ -398,7 +418,7 @@ class NvmlGpu(EnergySource):
                 f"GPU {index} ({dev.name}) has no NVML energy counter: counters need a Volta or newer GPU "
                 "(set require_counter=False to integrate power instead)"
             )
-        elif _probe_instant(nvml, handle, field_id):
+        elif dev.has_instant:
             dev.method = "power"
         elif self.allow_averaged_power and _probe_power_usage(nvml, handle):
             dev.method = "power_avg"
@@ -415,6 +435,7 @@ class NvmlGpu(EnergySource):
         dev.energy_j = 0.0
         dev.last_read_s = now_s
         dev.window_start_s = now_s
+        dev.last_change_s = now_s
         dev.integrator = PowerIntegrator()
         if dev.method == "counter":
             raw = self._call_counter(dev)
@@ -444,76 +465,169 @@ class NvmlGpu(EnergySource):
 
     # ------------------------------------------------------------------ read
 
-    def _fail(self, dev: _Device, exc: BaseException) -> SourceError:
-        if getattr(exc, "value", None) == _NVML_ERROR_GPU_IS_LOST:  # pynvml: NVMLError_GpuIsLost
-            return SourceError(f"gpu{dev.index}: GPU is lost (fell off the bus?): {exc}")
-        return SourceError(f"gpu{dev.index}: NVML error: {exc}")
-
     def _call_counter(self, dev: _Device) -> int:
+        """The raw counter (mJ); an ``NVMLError_Unknown`` is retried once. Raises NVML errors."""
         nvml = self._nvml
         try:
-            try:
-                return nvml.nvmlDeviceGetTotalEnergyConsumption(dev.handle)
-            except self._unknown_error:
-                return nvml.nvmlDeviceGetTotalEnergyConsumption(dev.handle)
-        except self._nvml_error as exc:
-            raise self._fail(dev, exc) from exc
+            return nvml.nvmlDeviceGetTotalEnergyConsumption(dev.handle)
+        except self._unknown_error:
+            return nvml.nvmlDeviceGetTotalEnergyConsumption(dev.handle)
 
-    def _power_mw_once(self, dev: _Device) -> float:
+    def _power_mw_once(self, dev: _Device, instant: bool) -> float:
         nvml = self._nvml
-        if dev.method == "power":
+        if instant:
             fv = nvml.nvmlDeviceGetFieldValues(dev.handle, self._field_ids)[0]
             if fv.nvmlReturn != _NVML_SUCCESS:
                 raise nvml.NVMLError(fv.nvmlReturn)
             return _field_power_mw(fv)
         return nvml.nvmlDeviceGetPowerUsage(dev.handle)
 
-    def _call_power_w(self, dev: _Device) -> float:
+    def _call_power_w(self, dev: _Device, instant: bool | None = None) -> float:
+        """Power in W (instant field or 1-s average); ``NVMLError_Unknown`` retried once.
+
+        Raises NVML errors.
+        """
+        instant = dev.method == "power" if instant is None else instant
         try:
+            return self._power_mw_once(dev, instant) / 1e3
+        except self._unknown_error:
+            return self._power_mw_once(dev, instant) / 1e3
+
+    def _read_failed(self, dev: _Device, exc: BaseException, now_s: float) -> str:
+        """Apply the per-device failure policy; returns the note that says what happened.
+
+        A fatal error (GPU lost, reset required, driver gone) freezes the device at its last
+        reading. Any other error skips this read: counters are cumulative, so the next good read
+        recovers the energy (attribution over the gap is interpolated). Errors persisting for
+        ``_DEAD_AFTER_S`` freeze the device too.
+        """
+        code = getattr(exc, "value", None)
+        if code in _FATAL_CODES:
+            if code == _NVML_ERROR_GPU_IS_LOST:
+                dev.dead = f"gpu{dev.index}: GPU is lost (fell off the bus?)"
+            else:
+                dev.dead = f"gpu{dev.index}: NVML error: {exc}"
+            return f"{dev.dead}; its energy stops at the last good reading"
+        if dev.fail_since_s is None:
+            dev.fail_since_s = now_s
+        elif now_s - dev.fail_since_s >= _DEAD_AFTER_S:
+            dev.dead = f"gpu{dev.index}: NVML error: {exc} (for {_DEAD_AFTER_S:g} s)"
+            return f"{dev.dead}; its energy stops at the last good reading"
+        return f"gpu{dev.index}: NVML error: {exc}; reads skipped, energy over the gap interpolated"
+
+    def _estimate_j(self, dev: _Device, now_s: float) -> float:
+        """Plausible joules since the counter last moved, for a delta the counter got wrong.
+
+        Instant power when the driver has it, else the device's recent mean power; never above
+        the power limit.
+        """
+        power_w = dev.rate_w
+        if dev.has_instant:
             try:
-                return self._power_mw_once(dev) / 1e3
-            except self._unknown_error:
-                return self._power_mw_once(dev) / 1e3
-        except self._nvml_error as exc:
-            raise self._fail(dev, exc) from exc
+                power_w = self._call_power_w(dev, instant=True)
+            except self._nvml_error:
+                pass
+        limit_w = dev.cap_w / _CAP_FACTOR
+        return min(max(power_w or 0.0, 0.0), limit_w) * max(now_s - dev.last_change_s, 0.0)
+
+    def _counter_delta_j(self, dev: _Device, raw: int, now_s: float) -> tuple[float, tuple[str, ...]]:
+        """Joules since the last change of the counter, corrected for resets and implausible jumps."""
+        delta_j = (raw - dev.last_raw_mj) / 1e3
+        cap_j = dev.cap_w * (now_s - dev.window_start_s + _COUNTER_GRACE_S)
+        if 0 <= delta_j <= cap_j:
+            elapsed_s = now_s - dev.last_change_s
+            if elapsed_s > 0:
+                dev.rate_w = delta_j / elapsed_s
+            return delta_j, ()
+        if delta_j < 0 and raw / 1e3 <= cap_j:  # a reset: the counter restarted from 0 and counts since
+            return raw / 1e3, (dev.reset_note,)
+        # A jump the hardware cannot have drawn (or a backwards jump that is no reset): estimate.
+        notes = (dev.reset_note, dev.cap_note) if delta_j < 0 else (dev.cap_note,)
+        return min(self._estimate_j(dev, now_s), max(cap_j, 0.0)), notes
+
+    def _stuck_note(self, dev: _Device, now_s: float) -> str | None:
+        """A note when the counter has not moved for ``_STUCK_AFTER_S`` while instant power is > 0 W."""
+        if dev.stuck_checked or not dev.has_instant or now_s - dev.last_change_s < _STUCK_AFTER_S:
+            return None
+        dev.stuck_checked = True  # one instant-power read per stuck stretch
+        try:
+            power_w = self._call_power_w(dev, instant=True)
+        except self._nvml_error:
+            return None
+        if power_w <= 0.0:
+            return None
+        return (
+            f"gpu{dev.index}: energy counter stopped updating for > {_STUCK_AFTER_S:g} s while instant power "
+            "is above 0 W; energy is not counted while it is stuck"
+        )
+
+    def _read_device(self, dev: _Device) -> tuple[float, tuple[str, ...]]:
+        """Update ``dev.energy_j``; returns the read time and any notes. Raises NVML errors."""
+        if dev.method != "counter":
+            power_w = self._call_power_w(dev)
+            now_s = self.now_s()
+            dev.energy_j = dev.integrator.add(now_s, power_w)
+            return now_s, ()
+        raw = self._call_counter(dev)
+        now_s = self.now_s()
+        notes: tuple[str, ...] = ()
+        if raw != dev.last_raw_mj:
+            delta_j, notes = self._counter_delta_j(dev, raw, now_s)
+            dev.energy_j += delta_j
+            dev.last_raw_mj = raw
+            dev.last_change_s = now_s
+            dev.stuck_checked = False
+            # The next delta was accumulated after the previous read at the earliest.
+            dev.window_start_s = dev.last_read_s
+        else:
+            note = self._stuck_note(dev, now_s)
+            if note is not None:
+                notes = (note,)
+        return now_s, notes
 
     def read(self) -> Reading:
         """Cumulative joules per GPU since ``start()``; never decreasing.
 
-        A counter that goes backwards is treated as a reset; a delta above the power limit
-        (x1.2) is capped. Both add a note to the reading.
+        Per device: a counter that goes backwards to a small value is a reset; any other
+        backwards or implausible forward jump (above the power limit x1.2) is replaced by an
+        estimate (instant power, else recent mean power, x elapsed time); a lost GPU stops
+        accruing while the others go on. Each adds a note to the reading (the meter turns it
+        into an ``energy.degraded`` reason).
 
         Raises:
-            SourceError: NVML failed (GPU lost, or an error that persisted through one retry).
+            SourceError: every device is lost. With ``transient = True`` (and ``notes``): a read
+                failed even after a retry; the sampler skips this sample, so energy over the gap
+                is interpolated between the good samples around it (counters lose nothing).
         """
         if self._nvml is None:
             raise SourceError("NVML source read before start() or after close()")
         notes: tuple[str, ...] = ()
+        failed: list[str] = []
         energy_j: dict[str, float] = {}
         now_s = 0.0
         for dev in self._devices:
-            if dev.method == "counter":
-                raw = self._call_counter(dev)
-                now_s = self.now_s()
-                if raw != dev.last_raw_mj:
-                    delta_j = (raw - dev.last_raw_mj) / 1e3
-                    if delta_j < 0:  # reset (or a bogus backwards jump): energy since the reset is `raw`
-                        delta_j = raw / 1e3
-                        notes += (dev.reset_note,)
-                    cap_j = dev.cap_w * (now_s - dev.window_start_s + _COUNTER_GRACE_S)
-                    if delta_j > cap_j:
-                        delta_j = max(cap_j, 0.0)
-                        notes += (dev.cap_note,)
-                    dev.energy_j += delta_j
-                    dev.last_raw_mj = raw
-                    # The next delta was accumulated after the previous read at the earliest.
-                    dev.window_start_s = dev.last_read_s
-            else:
-                power_w = self._call_power_w(dev)
-                now_s = self.now_s()
-                dev.energy_j = dev.integrator.add(now_s, power_w)
-            dev.last_read_s = now_s
+            if dev.dead is None:
+                try:
+                    now_s, dev_notes = self._read_device(dev)
+                except self._nvml_error as exc:
+                    note = self._read_failed(dev, exc, self.now_s())
+                    if dev.dead is None:
+                        failed.append(note)
+                        dev_notes = ()
+                    else:
+                        dev_notes = (note,)
+                else:
+                    dev.fail_since_s = None
+                    dev.last_read_s = now_s
+                notes += dev_notes
             energy_j[dev.domain] = dev.energy_j
+        if self._devices and all(d.dead is not None for d in self._devices):
+            raise SourceError("; ".join(d.dead for d in self._devices if d.dead))
+        if failed:
+            error = SourceError("; ".join(failed))
+            error.transient = True  # type: ignore[attr-defined]
+            error.notes = (*notes, *failed)  # type: ignore[attr-defined]
+            raise error
         return Reading(time_s=now_s if self._devices else self.now_s(), energy_j=energy_j, notes=notes)
 
     # ------------------------------------------------------------------ provenance

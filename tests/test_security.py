@@ -1,0 +1,211 @@
+"""Credentials never leak; spool and artifact paths are never built from unchecked strings (issue 7, security)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow_server import MlflowServer, at_steps, make_template_db, quiet_module  # noqa: E402
+
+from wattlog.errors import ConfigError, SinkError, WattlogWarning  # noqa: E402
+from wattlog.sinks import spool as spool_mod  # noqa: E402
+from wattlog.sinks.mlflow import MlflowSink, Point, sync  # noqa: E402
+
+CANARY = "CANARYpw7361"  # password in the tracking URI
+CANARY2 = "CANARYtok4410"  # MLFLOW_TRACKING_TOKEN
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_template_db(tmp_path_factory.mktemp("template") / "mlflow.db")
+
+
+@pytest.fixture
+def store(tmp_path: Path, template_db: Path) -> tuple[str, MlflowClient, str]:
+    (tmp_path / "mlflow.db").write_bytes(template_db.read_bytes())
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sec", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri, client, client.create_run(exp).info.run_id
+
+
+def _all_text_under(root: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+
+
+def _assert_no_canary(where: str, text: str) -> None:
+    assert CANARY not in text and CANARY2 not in text, f"credential leaked into {where}"
+
+
+@pytest.mark.slow
+def test_credentials_never_leak_through_the_whole_callback(tmp_path, template_db, monkeypatch, caplog, capsys):
+    """A real server behind ``http://user:CANARY@...`` plus a token; killed and restarted mid-fit."""
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning_helpers import loader
+
+    from wattlog import EnergyMonitor
+
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", CANARY2)
+    caplog.set_level(logging.DEBUG, logger="wattlog")
+    db = tmp_path / "server.db"
+    db.write_bytes(template_db.read_bytes())
+    server = MlflowServer(db)
+    spool_dir = tmp_path / "spool"
+    try:
+        server.start()
+        uri = f"http://wattlog:{CANARY}@127.0.0.1:{server.port}"  # mlflow accepts basic-auth userinfo
+        logger = MLFlowLogger(experiment_name="sec", tracking_uri=uri)
+        monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1,
+                                spool_dir=str(spool_dir), artifacts=True)
+        trainer = pl.Trainer(max_steps=30, logger=logger, enable_checkpointing=False, default_root_dir=tmp_path,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[monitor, at_steps({8: server.kill, 16: server.start})])
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            trainer.fit(quiet_module(), loader(120))
+            assert monitor._sink.flush(timeout_s=120)
+            monitor._sink.close()
+        texts = [str(w.message) for w in rec if issubclass(w.category, WattlogWarning)]
+        assert any("MLflow unreachable" in t for t in texts)  # the outage was reported ...
+        _assert_no_canary("warnings", "\n".join(texts))  # ... without the credentials
+        _assert_no_canary("log records", caplog.text)
+        out = capsys.readouterr()
+        # MLflow itself prints its run/experiment links with the URI's userinfo when a run ends
+        # ("View run ... at: http://user:password@host/#/..."): MLflow's leak, not wattlog's; see README.
+        mlflow_links = ("View run", "View experiment")
+        _assert_no_canary("stdout/stderr", "\n".join(
+            line for line in (out.out + out.err).splitlines() if not any(m in line for m in mlflow_links)))
+        _assert_no_canary("the spool", _all_text_under(spool_dir))
+
+        client = MlflowClient(server.uri)
+        run = client.get_run(logger.run_id)
+        _assert_no_canary("params/tags/metric keys",
+                          json.dumps([run.data.params, run.data.tags, sorted(run.data.metrics)]))
+        assert run.data.params["energy.cpu_method"] == "estimate"
+        got = Path(mlflow.artifacts.download_artifacts(run_id=logger.run_id, dst_path=str(tmp_path / "dl"),
+                                                       tracking_uri=server.uri))
+        names = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file())
+        assert {"energy/trace.csv", "energy/power.png"} <= set(names)
+        _assert_no_canary("artifacts", _all_text_under(got))
+    finally:
+        server.kill()
+
+
+def test_unreachable_credentialed_uri_and_token_never_leak(store, tmp_path, monkeypatch, caplog, capsys):
+    _uri, client, run_id = store
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", CANARY2)
+    caplog.set_level(logging.DEBUG)
+    uri = f"https://user:{CANARY}@127.0.0.1:9"  # nobody listens: every send fails with the URI in the error
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", max_backoff_s=0.05)
+        sink.start()
+        sink.log_points([Point("energy/step_j", 1.0, 1, 1)])
+        # a degraded-reason tag or param that carries a credentialed URL is stored redacted
+        sink.set_tags({"energy.degraded": f"MLFlowLogger failed: https://u:{CANARY}@host/api ({CANARY2})"})
+        sink.log_params({"energy.note": f"token={CANARY2}"})
+        assert sink.flush(timeout_s=1.0) is False
+        sink.close(timeout_s=0.1)
+    texts = [str(w.message) for w in rec]
+    assert any("MLflow unreachable" in t for t in texts)
+    for where, text in [("warnings", "\n".join(texts)), ("logs", caplog.text), ("spool", _all_text_under(tmp_path / "spool")),
+                        ("output", "".join(capsys.readouterr()))]:
+        _assert_no_canary(where, text)
+    sync(sink.spool_path, tracking_uri=_uri)  # what was spooled is what MLflow gets
+    run = client.get_run(run_id)
+    assert run.data.tags["energy.degraded"] == "MLFlowLogger failed: https://host/api (***)"
+    assert run.data.params["energy.note"] == "token=***"
+
+    monkeypatch.setenv("WATTLOG_STRICT", "1")  # strict mode: the raised error is redacted too
+    strict = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool2", max_backoff_s=0.05)
+    strict.start()
+    strict.log_points([Point("energy/step_j", 1.0, 1, 1)])
+    with pytest.raises(SinkError) as err:
+        strict.flush(timeout_s=30)
+    _assert_no_canary("the strict-mode error", str(err.value))
+    with pytest.raises(SinkError):
+        strict.close(timeout_s=0.1)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "..", ".", "a/b", "a\\b", "x\0y", "-rf", "_x", "", " ", "ü1", 123,
+                                 "a" * 257])
+def test_run_id_that_could_escape_the_spool_dir_is_refused(bad, tmp_path):
+    with pytest.raises(ConfigError, match="run_id"):
+        MlflowSink(bad, "sqlite:///x.db", spool_dir=tmp_path / "spool")  # type: ignore[arg-type]
+    assert not (tmp_path / "spool").exists()
+    assert spool_mod.valid_run_id("0123456789abcdef0123456789abcdef")
+
+
+def test_sync_refuses_a_spool_whose_header_names_a_path_like_run_id(tmp_path):
+    f = tmp_path / "evil.jsonl"
+    f.write_text(json.dumps({"wattlog_spool": 1, "run_id": "../../etc", "tracking_uri": None}) + "\n")
+    with pytest.raises(SinkError, match="invalid MLflow run id"):
+        sync(f, tracking_uri="sqlite:///unused.db")
+
+
+def test_sync_never_uploads_or_deletes_files_a_spool_line_points_outside_the_spool(store, tmp_path, monkeypatch):
+    uri, client, run_id = store
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    f = spool_mod.spool_file(spool_dir, run_id)
+    lines = [
+        json.dumps({"wattlog_spool": 1, "run_id": run_id, "tracking_uri": None}),
+        json.dumps({"seq": 1, "type": "artifact", "f": str(victim), "p": "energy", "n": 8}),
+        json.dumps({"seq": 2, "type": "artifact", "f": f"{run_id}.artifacts/../../victim.txt", "p": None, "n": 8}),
+        json.dumps({"seq": 3, "type": "artifact", "f": f"{run_id}.artifacts/a1/x.csv", "p": "../../up", "n": 1}),
+        json.dumps({"seq": 4, "k": "energy/step_j", "v": 2.0, "s": 1, "t": 5}),
+    ]
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.warns(WattlogWarning, match="rejected artifact"):
+        result = sync(f, tracking_uri=uri)
+    assert result.rejected == 2 and result.sent_by_kind["point"] == 1  # seq 3 is malformed: skipped
+    assert victim.read_text() == "precious"  # neither uploaded nor deleted
+    assert client.list_artifacts(run_id) == []
+
+
+def test_spool_files_are_private_and_paths_never_come_from_keys(store, tmp_path, monkeypatch):
+    _uri, _client, run_id = store
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    spool_dir = tmp_path / "spool"
+    src = tmp_path / "trace.csv"
+    src.write_text("a,b\n1,2\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WattlogWarning)
+        sink = MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=spool_dir, max_backoff_s=0.05)
+        sink.start()
+        sink.log_points([Point("../../evil", 1.0, 1, 1), Point("/abs", 1.0, 1, 1), Point("energy/step_j", 1.0, 1, 1)])
+        sink.log_artifact(src, "energy")
+        sink.close(timeout_s=0.2)  # unreachable: the copy stays in the spool
+    assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
+    entries = sorted(spool_dir.rglob("*"))
+    assert {p.relative_to(spool_dir).parts[0] for p in entries} == {
+        f"{run_id}.jsonl", f"{run_id}.jsonl.ack", f"{run_id}.artifacts"}
+    for p in entries:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
+    assert not (tmp_path / "evil").exists() and not Path("/abs").exists()
+    keys = [json.loads(line).get("k") for line in sink.spool_path.read_text().splitlines()[1:]]
+    assert keys == ["energy/step_j", None]  # the bad keys were skipped (strict mode: ConfigError)
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    with pytest.raises(ConfigError, match="key"):
+        MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=spool_dir).log_points([Point("../x", 1.0, 1, 1)])
+    assert os.path.exists(sink.spool_path)
