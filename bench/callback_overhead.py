@@ -54,7 +54,7 @@ def fit(steps: int, with_monitor: bool, uri: str, root: str):
     class MLP(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+            self.net = torch.nn.Sequential(torch.nn.Linear(256, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 256))
 
         def training_step(self, batch, _):
             (x,) = batch

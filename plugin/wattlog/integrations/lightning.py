@@ -98,11 +98,12 @@ def _validate_target(target: Any) -> dict[str, Any] | None:
     mode = target.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError("target.mode", mode, ("max", "min"))
-    try:
-        value = float(target["value"])
-    except (TypeError, ValueError):
-        raise ConfigError("target.value", target["value"], "a number") from None
-    return {"metric": str(target["metric"]), "value": value, "mode": mode}
+    metric, value = target["metric"], target["value"]
+    if not (isinstance(metric, str) and metric.strip()):
+        raise ConfigError("target.metric", metric, "the name of a logged metric, e.g. 'val_acc'")
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise ConfigError("target.value", value, "a finite number")
+    return {"metric": metric, "value": float(value), "mode": mode}
 
 
 def _check_number(name: str, value: Any, low: float, high: float = math.inf, allow_none: bool = False) -> None:
@@ -190,6 +191,11 @@ class _EnergyMonitorImpl:
         for name, value in (("country", country), ("region", region)):
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise ConfigError(name, value, "None or a non-empty string")
+        for name, value in (("spool_dir", spool_dir), ("powercap_root", powercap_root)):
+            if value is None and name == "spool_dir":
+                continue
+            if not (isinstance(value, (str, os.PathLike)) and os.fspath(value)):
+                raise ConfigError(name, value, ("None or " if name == "spool_dir" else "") + "a non-empty path")
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise ConfigError("batch_size_fn", batch_size_fn, "None or a callable(batch) -> int")
         self.gpus = gpus
@@ -279,15 +285,6 @@ class _EnergyMonitorImpl:
         self._rank = int(getattr(trainer, "global_rank", 0))
         self._world_size = int(getattr(trainer, "world_size", 1))
         local_rank = int(getattr(trainer, "local_rank", 0))
-        if self._rank == 0 and self._sink is None:
-            run_id, tracking_uri = self._resolve_run(trainer)
-            self._run_id, self._tracking_uri = run_id, tracking_uri
-            from wattlog.sinks.mlflow import MlflowSink
-
-            spool = self.spool_dir or os.environ.get("WATTLOG_SPOOL_DIR") or os.path.join(
-                getattr(trainer, "default_root_dir", "."), ".wattlog", "spool")
-            self._sink = MlflowSink(run_id, tracking_uri=tracking_uri, spool_dir=spool)
-            self._sink.start()
         self._intensity = lookup_intensity(self.country, self.region, self.carbon_intensity)
         cpu, ram = (self.cpu, self.ram) if local_rank == 0 else ("none", "none")  # CPU/RAM once per node
         gpus = self._gpu_selection(trainer)
@@ -301,6 +298,15 @@ class _EnergyMonitorImpl:
             gpus, cpu, ram,
             require_gpu_counter=self.require_gpu_counter, powercap_root=self.powercap_root,
         )
+        if self._rank == 0 and self._sink is None:
+            run_id, tracking_uri = self._resolve_run(trainer)
+            self._run_id, self._tracking_uri = run_id, tracking_uri
+            from wattlog.sinks.mlflow import MlflowSink
+
+            spool = self.spool_dir or os.environ.get("WATTLOG_SPOOL_DIR") or os.path.join(
+                getattr(trainer, "default_root_dir", "."), ".wattlog", "spool")
+            self._sink = MlflowSink(run_id, tracking_uri=tracking_uri, spool_dir=spool)
+            self._sink.start()
         self._meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.sample_interval_s)
         domains = self._meter.start()
         self._drained_j: dict[str, float] = {}
@@ -466,7 +472,7 @@ class _EnergyMonitorImpl:
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._shutdown(trainer, collective=False)
-        if self._sink is not None:  # what is not delivered by then stays spooled and keeps retrying
+        if self._sink is not None:  # the writer keeps retrying; at exit the rest stays in the spool for `wattlog sync`
             self._sink.flush(timeout_s=10.0)
 
     # -- logging -----------------------------------------------------------------------------
@@ -663,6 +669,9 @@ class _EnergyMonitorImpl:
     # -- failure policy, resume --------------------------------------------------------------
 
     def _degrade(self, reason: str, exc: BaseException | None = None) -> None:
+        from wattlog.sinks.spool import redact_text
+
+        reason = redact_text(reason)  # exception texts can carry tracking URIs with credentials
         if reason in self._warned:
             return
         self._warned.add(reason)
