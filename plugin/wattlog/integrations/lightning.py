@@ -45,13 +45,18 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from wattlog.errors import ConfigError, NoRunError, SourceUnavailable, WattlogError, degrade
 from wattlog.ledger import EnergyLedger, StepAggregator, StepLabel, StepRecord
+
+REPORT_INTERVAL_S = 0.5
+"""Single-process runs: how often the reporter thread turns measured steps into MLflow points."""
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -248,6 +253,9 @@ class _EnergyMonitorImpl:
         self._partial: str | None = None
         self._attempt_id = uuid.uuid4().hex
         self._resumed = False
+        self._lock = threading.RLock()  # ledger, aggregator and meter drains: training thread vs reporter
+        self._reporter: _Reporter | None = None
+        self._other_logger_points: deque[tuple[int, dict[str, float]]] = deque()
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -332,6 +340,9 @@ class _EnergyMonitorImpl:
             with self._meter.window("idle") as idle:
                 time.sleep(self.idle_baseline_s)
             self._idle_power_w = self._sum_gathered(idle.power_w)
+        if self._world_size == 1:  # DDP drains at logging boundaries instead: the collective needs every rank
+            self._reporter = _Reporter(self, trainer)
+            self._reporter.start()
         if self.sync_cuda is False and self._uses_cuda(trainer):
             from wattlog.integrations.cuda_marks import CudaBoundaries
 
@@ -372,7 +383,11 @@ class _EnergyMonitorImpl:
         if stepped and self._is_log_step(trainer.global_step):
             if self.sync_cuda:
                 self._synchronize(trainer)
-            self._log_boundary(trainer)
+            if self._reporter is None:
+                self._log_boundary(trainer)
+            else:  # single process: the reporter thread drains; surface its errors and feed other loggers here
+                self._reporter.raise_error()
+                self._log_other_loggers(trainer)
         if self.progress_bar and self._last_progress:
             now_s = time.perf_counter()
             if now_s - self._progress_shown_s >= 1.0:  # LightningModule.log costs ~1 ms: once a second
@@ -485,6 +500,10 @@ class _EnergyMonitorImpl:
 
     def _drain(self, trainer: Any, collective: bool, final: bool = False) -> None:
         """Move resolved segments into the ledger; rank 0 logs the due points."""
+        with self._lock:
+            self._drain_locked(trainer, collective, final)
+
+    def _drain_locked(self, trainer: Any, collective: bool, final: bool) -> None:
         if self._meter is None or self._aggregator is None or self._ledger is None:
             return
         try:
@@ -521,13 +540,22 @@ class _EnergyMonitorImpl:
         now_ms = int(time.time() * 1000)
         self._sink.log_points([Point(k, float(v), step, now_ms) for step, m in due for k, v in m.items()])
         self._last_progress = {"power_w": due[-1][1]["energy/power_w"], "total_kwh": due[-1][1]["energy/total_kwh"]}
-        for logger in getattr(trainer, "loggers", []) or []:
-            if type(logger).__name__ != "MLFlowLogger":
-                for step, metrics in due:
-                    try:
-                        logger.log_metrics(metrics, step=step)
-                    except Exception as exc:  # noqa: BLE001 - another logger must not stop training
-                        self._degrade(f"{type(logger).__name__}.log_metrics failed: {exc}", exc)
+        if any(type(lg).__name__ != "MLFlowLogger" for lg in getattr(trainer, "loggers", []) or []):
+            self._other_logger_points.extend(due)
+            if threading.current_thread() is threading.main_thread() or self._reporter is None:
+                self._log_other_loggers(trainer)
+
+    def _log_other_loggers(self, trainer: Any) -> None:
+        """Give TensorBoard/CSV/W&B loggers the same points, on the training thread (they aren't thread-safe)."""
+        while self._other_logger_points:
+            step, metrics = self._other_logger_points.popleft()
+            for logger in getattr(trainer, "loggers", []) or []:
+                if type(logger).__name__ == "MLFlowLogger":
+                    continue
+                try:
+                    logger.log_metrics(metrics, step=step)
+                except Exception as exc:  # noqa: BLE001 - another logger must not stop training
+                    self._degrade(f"{type(logger).__name__}.log_metrics failed: {exc}", exc)
 
     def _finish_stage(self, trainer: Any, stage: str) -> None:
         self._finish(trainer, collective=True)
@@ -539,11 +567,18 @@ class _EnergyMonitorImpl:
     def _finish(self, trainer: Any, collective: bool) -> None:
         if self._meter is None:
             return
+        if self._reporter is not None:
+            reporter, self._reporter = self._reporter, None
+            reporter.stop()
         if self._cuda_marks is not None:  # its queued boundaries must reach the meter first
             self._cuda_marks.stop()
             self._cuda_marks = None
         self._drain(trainer, collective=collective, final=True)
+        self._log_other_loggers(trainer)
         self._meter = None
+        if reporter_error := getattr(self, "_pending_reporter_error", None):
+            self._pending_reporter_error = None
+            raise reporter_error
         if self._rank == 0:
             self._log_run_data(trainer)
 
@@ -687,6 +722,11 @@ class _EnergyMonitorImpl:
         """
         if self._ledger is None:
             return dict(self._loaded_state or {})
+        with self._lock:
+            return self._state_dict_locked()
+
+    def _state_dict_locked(self) -> dict[str, Any]:
+        assert self._ledger is not None
         state = self._ledger.state_dict()
         if self._meter is not None:
             prefix = f"r{self._rank}." if self._world_size > 1 else ""
@@ -722,3 +762,42 @@ def _make_class() -> type:
 
 
 EnergyMonitor = _make_class()
+
+
+class _Reporter:
+    """Single-process runs: drain the meter into the ledger and the sink every REPORT_INTERVAL_S.
+
+    Keeps that work (interpolation, per-step arithmetic, building points) off the training thread,
+    which then only records boundaries. An error raised here (strict mode) is re-raised on the
+    training thread at the next logging boundary or at the end of the stage.
+    """
+
+    def __init__(self, monitor: Any, trainer: Any) -> None:
+        self._monitor = monitor
+        self._trainer = trainer
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="wattlog-reporter", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(REPORT_INTERVAL_S):
+            try:
+                self._monitor._drain(self._trainer, collective=False)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                self._error = exc
+                return
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def stop(self) -> None:
+        """Stop and join; a pending error is kept for the caller to raise after the final drain."""
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None:
+            self._monitor._pending_reporter_error, self._error = self._error, None
