@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +46,9 @@ def main() -> None:
                 if trainer.global_step == kill_at:
                     with open(out_path, "w") as fh:
                         json.dump({"run_id": logger.run_id}, fh)
+                    # EnergyMonitor hands steps to the sink every 0.5 s (its reporter thread): wait for the
+                    # steps so far to reach the spool, as they would if the kill came a moment later
+                    time.sleep(1.5)
                     os.kill(os.getpid(), signal.SIGKILL)  # no teardown, no atexit: the sink is never closed
 
         callbacks.append(Killer())
