@@ -21,6 +21,7 @@ def _refusing_uri() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.slow
 def test_outage_spools_and_sync_delivers_exactly_once(mlflow_uri, tmp_path, monkeypatch, capsys):
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient

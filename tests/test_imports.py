@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ["torch", "lightning", "pytorch_lightning", "mlflow", "hydra", "pandas", "matplotlib", "pynvml"]
 
 
@@ -25,6 +27,7 @@ def test_import_pulls_no_frameworks_and_touches_no_hardware():
     assert not [f for f in result["opened"] if f.startswith(("/sys", "/proc", "/dev"))]
 
 
+@pytest.mark.slow  # imports Lightning in a subprocess (~9 s)
 def test_energy_monitor_is_lazy():
     code = "import sys, wattlog; assert 'lightning' not in sys.modules; wattlog.EnergyMonitor; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
