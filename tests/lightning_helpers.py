@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def make_module(namespace: str = "lightning", step_sleep_s: float = 0.0):
+def make_module(namespace: str = "lightning", step_sleep_s: float = 0.0, log: bool = True):
+    """``(pl, module)``: a tiny regressor; with ``log=False`` it calls no ``self.log``."""
     if namespace == "lightning":
         import lightning.pytorch as pl
     else:
@@ -24,18 +25,21 @@ def make_module(namespace: str = "lightning", step_sleep_s: float = 0.0):
                 time.sleep(step_sleep_s)
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.layer(x), y)
-            self.log("train_loss", loss)
+            if log:
+                self.log("train_loss", loss)
             return loss
 
         def validation_step(self, batch, batch_idx):
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.layer(x), y)
-            self.log("val_loss", loss)
-            self.log("val_acc", 1.0 / (1.0 + loss))
+            if log:
+                self.log("val_loss", loss)
+                self.log("val_acc", 1.0 / (1.0 + loss))
 
         def test_step(self, batch, batch_idx):
             x, y = batch
-            self.log("test_loss", torch.nn.functional.mse_loss(self.layer(x), y))
+            if log:
+                self.log("test_loss", torch.nn.functional.mse_loss(self.layer(x), y))
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)

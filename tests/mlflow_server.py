@@ -210,24 +210,9 @@ def quiet_module(step_sleep_s: float = 0.0):
     """A tiny LightningModule that calls no ``self.log``: Lightning's own MLFlowLogger then sends nothing
     per step, so a tracking-server outage reaches only wattlog (MLFlowLogger.log_metrics raises, and
     kills the fit, while its server is down; wattlog cannot prevent that)."""
-    import lightning.pytorch as pl
-    import torch
+    from lightning_helpers import make_module
 
-    class QuietRegressor(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = torch.nn.Linear(8, 1)
-
-        def training_step(self, batch, batch_idx):
-            if step_sleep_s:
-                time.sleep(step_sleep_s)
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.layer(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    return QuietRegressor()
+    return make_module(step_sleep_s=step_sleep_s, log=False)[1]
 
 
 def at_steps(actions: dict[int, object]):

@@ -258,17 +258,7 @@ class MlflowSink:
                              "further non-finite values are skipped silently")
                 continue
             ok.append(p)
-        if self._closed:
-            self._policy("closed", f"{len(ok)} points logged after close() were dropped")
-            return
-        if not ok:
-            return
-        with self._cond:
-            self._queue.extend(ok)
-            self._enqueued += len(ok)
-            self._pending += len(ok)
-        self._wake.set()
-        self._spool_wake.set()
+        self._enqueue(ok, f"{len(ok)} points")
         if len(self._queue) + len(self._unsent) > self._max_buffer:
             self._caller_drain()
 
