@@ -451,7 +451,7 @@ class _EnergyMonitorImpl:
             self._label.samples += self.batch_size_fn(batch)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.target is not None:
+        if self.target is not None and not getattr(trainer, "sanity_checking", False):
             value = trainer.callback_metrics.get(self.target["metric"])
             if value is not None and self._rank == 0 and self._ledger is not None:
                 self._drain(trainer, collective=False)
