@@ -280,3 +280,24 @@ def test_cuda_boundaries_mark_in_order_when_events_complete():
     assert [m[0] for m in meter.marks] == ["a", "b"]
     assert meter.marks[1][1] - meter.marks[0][1] >= 0.04
     assert all(e.recorded for e in events)
+
+
+def test_failing_chart_degrades_instead_of_killing_the_fit(mlflow_uri, tmp_path, monkeypatch):
+    import wattlog.plots
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(wattlog.plots, "plot_power_trace", broken)
+    pl, module = make_module()
+    monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="none", log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="power.png skipped: RuntimeError: backend exploded"):
+        trainer, logger = _fit(pl, module, monitor, mlflow_uri, tmp_path, steps=4)
+    assert trainer.global_step == 4
+    monitor._sink.flush(timeout_s=30)
+    client = MlflowClient(mlflow_uri)
+    assert {a.path for a in client.list_artifacts(logger.run_id, "energy")} == {"energy/trace.csv"}
+    assert "power.png skipped" in client.get_run(logger.run_id).data.tags["energy.degraded"]

@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from wattlog.errors import ConfigError, NoRunError, SourceUnavailable, WattlogError, degrade
+from wattlog.errors import ConfigError, NoRunError, SourceUnavailable, WattlogError, degrade, strict_mode
 from wattlog.ledger import EnergyLedger, StepAggregator, StepLabel, StepRecord
 
 REPORT_INTERVAL_S = 0.5
@@ -230,10 +230,8 @@ class _EnergyMonitorImpl:
         self._aggregator: StepAggregator | None = None
         self._choices: list[Any] = []
         self._intensity: Any = None
-        self._resume_state: dict[str, Any] | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._label: StepLabel | None = None
-        self._stage: str | None = None
         self._rank = 0
         self._world_size = 1
         self._cuda_marks: Any = None
@@ -335,7 +333,6 @@ class _EnergyMonitorImpl:
         else:
             self._ledger.domain_kinds.update(kinds)
         self._aggregator = StepAggregator(prefix, self._rank)
-        self._stage = None
         if self.idle_baseline_s > 0 and stage == "fit" and self._idle_power_w is None:
             with self._meter.window("idle") as idle:
                 time.sleep(self.idle_baseline_s)
@@ -458,7 +455,7 @@ class _EnergyMonitorImpl:
                 self._ledger.observe_metric(float(value), self.target["value"], self.target["mode"])
         fn = getattr(trainer.state, "fn", None)
         if getattr(fn, "value", fn) == "validate":
-            self._finish_stage(trainer, "validate")
+            self._finish(trainer, collective=True)
         else:
             self._mark(StepLabel("other"))
 
@@ -471,22 +468,22 @@ class _EnergyMonitorImpl:
         self._mark(StepLabel("predict", batch_idx, self.batch_size_fn(batch)))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish_stage(trainer, "fit")
+        self._finish(trainer, collective=True)
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish_stage(trainer, "test")
+        self._finish(trainer, collective=True)
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish_stage(trainer, "predict")
+        self._finish(trainer, collective=True)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._world_size > 1 and self._partial is None:
             self._partial = (f"the fit failed ({type(exception).__name__}); other ranks' energy since the "
                              "last logging boundary is missing")
-        self._shutdown(trainer, collective=False)
+        self._finish(trainer, collective=False)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._shutdown(trainer, collective=False)
+        self._finish(trainer, collective=False)
         if self._sink is not None:  # the writer keeps retrying; at exit the rest stays in the spool for `wattlog sync`
             self._sink.flush(timeout_s=10.0)
 
@@ -557,14 +554,11 @@ class _EnergyMonitorImpl:
                 except Exception as exc:  # noqa: BLE001 - another logger must not stop training
                     self._degrade(f"{type(logger).__name__}.log_metrics failed: {exc}", exc)
 
-    def _finish_stage(self, trainer: Any, stage: str) -> None:
-        self._finish(trainer, collective=True)
-
-    def _shutdown(self, trainer: Any, collective: bool) -> None:
-        """Close the meter without collectives (teardown or exception): nothing measured is lost."""
-        self._finish(trainer, collective=collective)
-
     def _finish(self, trainer: Any, collective: bool) -> None:
+        """Close the meter, account what it measured and log the run data.
+
+        ``collective=False`` (teardown, exceptions): no DDP collective, so a failed rank can't hang it.
+        """
         if self._meter is None:
             return
         if self._reporter is not None:
@@ -578,9 +572,14 @@ class _EnergyMonitorImpl:
         self._meter = None
         if reporter_error := getattr(self, "_pending_reporter_error", None):
             self._pending_reporter_error = None
-            raise reporter_error
+            self._reporter_failed(reporter_error)
         if self._rank == 0:
-            self._log_run_data(trainer)
+            try:
+                self._log_run_data(trainer)
+            except WattlogError:
+                raise  # strict mode: the sink's own policy decided to raise
+            except Exception as exc:  # noqa: BLE001 - never kill the training at its very end
+                self._degrade(f"logging the run's summary/params/artifacts failed: {exc}", exc)
 
     def _log_run_data(self, trainer: Any) -> None:
         assert self._ledger is not None and self._sink is not None
@@ -593,15 +592,15 @@ class _EnergyMonitorImpl:
         if not self._params_logged:
             self._sink.log_params(self._params())
             self._params_logged = True
+        if self.artifacts:  # before the tags, so that a failed artifact shows in energy.degraded
+            self._log_artifacts()
         tags = {"energy.estimated": self._estimated_kinds() or "none"}
-        degraded = [r for r in self._degraded_reasons()]
+        degraded = self._degraded_reasons()
         if degraded:
             tags["energy.degraded"] = "; ".join(degraded)[:4000]
         if self._partial:
             tags["energy.partial"] = self._partial[:4000]
         self._sink.set_tags(tags)
-        if self.artifacts:
-            self._log_artifacts()
 
     def _params(self) -> dict[str, object]:
         by_kind = {c.kind: c for c in self._choices}
@@ -639,8 +638,8 @@ class _EnergyMonitorImpl:
 
                 png = plot_power_trace(rows, os.path.join(tmp, "power.png"))
                 self._sink.log_artifact(str(png), "energy")
-            except ImportError as exc:
-                self._degrade(f"power.png skipped: {exc}", exc)
+            except Exception as exc:  # noqa: BLE001 - a chart must not fail the run (matplotlib missing or broken)
+                self._degrade(f"power.png skipped: {type(exc).__name__}: {exc}", exc)
 
     # -- distributed -------------------------------------------------------------------------
 
@@ -702,6 +701,14 @@ class _EnergyMonitorImpl:
             torch.cuda.synchronize()
 
     # -- failure policy, resume --------------------------------------------------------------
+
+    def _reporter_failed(self, error: BaseException) -> None:
+        """Strict mode, or a wattlog error already judged by the policy: raise. Else warn; the stage's
+        final drain on the training thread still accounts everything measured."""
+        if isinstance(error, WattlogError) or strict_mode():
+            raise error
+        self._degrade(f"the reporter thread failed ({type(error).__name__}: {error}); points are logged at the end",
+                      error)
 
     def _degrade(self, reason: str, exc: BaseException | None = None) -> None:
         from wattlog.sinks.spool import redact_text
@@ -791,9 +798,10 @@ class _Reporter:
                 return
 
     def raise_error(self) -> None:
+        """On the training thread: apply the failure policy to what the reporter hit."""
         if self._error is not None:
             error, self._error = self._error, None
-            raise error
+            self._monitor._reporter_failed(error)
 
     def stop(self) -> None:
         """Stop and join; a pending error is kept for the caller to raise after the final drain."""

@@ -593,13 +593,16 @@ class MlflowSink:
             f"cannot write the spool at {self._spool_path} ({describe(exc)}); records go to MLflow "
             "directly and stay in memory until acknowledged",
         )
+        self._close_spool_files()
+        self._spool_f = self._ack_f = None
+
+    def _close_spool_files(self) -> None:
         for f in (self._spool_f, self._ack_f):
             try:
                 if f is not None:
                     f.close()
             except OSError:
                 pass
-        self._spool_f = self._ack_f = None
 
     def _write_acks(self, seqs: Iterable[int]) -> None:
         with self._state_lock:
@@ -788,12 +791,7 @@ class MlflowSink:
                     self._drain()  # whatever is still queued goes to the spool for `wattlog sync`
                 except Exception:  # noqa: BLE001 - best effort at shutdown
                     pass
-                for f in (self._spool_f, self._ack_f):
-                    try:
-                        if f is not None:
-                            f.close()
-                    except OSError:
-                        pass
+                self._close_spool_files()
             with self._cond:
                 self._cond.notify_all()
 
