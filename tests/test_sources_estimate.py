@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import csv
 import math
 import subprocess
@@ -107,21 +109,36 @@ def test_cpu_integration_is_exact(monkeypatch):
     clock = Clock(100.0)
     src = EstimatedCpu(tdp_w=100.0, update_interval_s=0.5)
     monkeypatch.setattr(src, "now_s", clock)
-    utilisations = iter([0.5, 1.0, 0.25, 0.0])
-    monkeypatch.setattr(src, "_utilisation", lambda now_s: next(utilisations))
+    utilisations = iter([0.5, 1.0, 0.25, 0.4])
+    monkeypatch.setattr(src, "_utilisation", lambda span_s: next(utilisations))
     src.start()
-    expected = [  # (time, joules): power is held at tdp x the previous interval's utilisation
-        (100.25, 0.0),  # first interval counts as idle, no update yet
-        (100.5, 0.0),  # update: 50 W from here
-        (101.0, 25.0),  # 50 W x 0.5 s; update: 100 W
-        (101.5, 75.0),  # + 100 W x 0.5 s; update: 25 W
-        (103.5, 125.0),  # + 25 W x 2 s
+    expected = [  # (now, reading time, joules): each interval gets the utilisation measured over it
+        (100.25, 100.0, 0.0),  # no update yet: the start's reading is repeated
+        (100.5, 100.5, 25.0),  # 50 % of 100 W over the first 0.5 s: no warm-up hole
+        (101.0, 101.0, 75.0),  # + 100 W x 0.5 s
+        (103.0, 103.0, 125.0),  # + 25 W x 2 s
     ]
-    for t_s, energy_j in expected:
-        clock.t_s = t_s
+    for now_s, time_s, energy_j in expected:
+        clock.t_s = now_s
         reading = src.read()
-        assert reading.time_s == t_s
+        assert reading.time_s == time_s
         assert reading.energy_j == {"cpu": pytest.approx(energy_j, abs=1e-12)}
+    clock.t_s = 103.2  # shorter than the update interval: the final read still accounts it
+    assert src.read_final().energy_j == {"cpu": pytest.approx(125.0 + 40.0 * 0.2)}
+
+
+def test_stage_shorter_than_the_update_interval_gets_cpu_energy():
+    from wattlog.meter import EnergyMeter
+
+    meter = EnergyMeter([EstimatedCpu(tdp_w=100.0, scope="process", update_interval_s=0.5)], 0.02)
+    meter.start()
+    meter.mark("busy")
+    deadline = time.perf_counter() + 0.3
+    while time.perf_counter() < deadline:  # 0.3 s of busy CPU on this process
+        sum(i * i for i in range(1000))
+    segments = meter.close()
+    busy_j = sum(s.energy_j["cpu"] for s in segments if s.label == "busy")
+    assert busy_j > 0.0
 
 
 Times = namedtuple("Times", "user nice system idle iowait irq softirq steal guest guest_nice")
@@ -140,10 +157,8 @@ def test_system_utilisation_from_cpu_times(monkeypatch):
     src = EstimatedCpu(tdp_w=200.0, update_interval_s=1.0)
     monkeypatch.setattr(src, "now_s", clock)
     src.start()
-    clock.t_s = 1.0
-    assert src.read().energy_j["cpu"] == 0.0  # update: utilisation 30/100 -> 60 W
-    clock.t_s = 1.5
-    assert src.read().energy_j["cpu"] == pytest.approx(30.0)
+    clock.t_s = 1.0  # update: utilisation 30/100 over the first second -> 60 W x 1 s
+    assert src.read().energy_j["cpu"] == pytest.approx(60.0)
 
 
 PCpuTimes = namedtuple("PCpuTimes", "user system children_user children_system")
@@ -191,10 +206,11 @@ def test_ram_estimate_is_exact(monkeypatch):
     monkeypatch.setattr(src, "now_s", clock)
     assert src.start() == [estimate.Domain("ram", "ram", "estimate", True, 0)]
     watts_8gib = units.RAM_W_PER_GB * 8  # 2.98 W, known from start()
-    for t_s, energy_j in [(10.5, 0.5 * watts_8gib), (11.0, watts_8gib), (12.0, 3 * watts_8gib)]:
+    # no update before 1 s; then the trapezoid of the memory in use at both ends of each interval
+    for t_s, energy_j in [(10.5, 0.0), (11.0, 1.5 * watts_8gib), (12.0, 3.5 * watts_8gib)]:
         clock.t_s = t_s
         assert src.read().energy_j == {"ram": pytest.approx(energy_j, abs=1e-12)}
-    assert math.isclose(3 * watts_8gib, 8.94)
+    assert math.isclose(watts_8gib, 2.98)
     assert src.provenance() == {"ram_method": "estimate", "ram_scope": "process"}
 
 
@@ -216,8 +232,8 @@ def test_ram_process_scope_sums_children(monkeypatch):
     src = EstimatedRam(update_interval_s=5.0)
     monkeypatch.setattr(src, "now_s", clock)
     src.start()
-    clock.t_s = 1.0
-    assert src.read().energy_j["ram"] == pytest.approx(4 * units.RAM_W_PER_GB)
+    clock.t_s = 1.0  # before the 5 s update interval: the final read accounts it all the same
+    assert src.read_final().energy_j["ram"] == pytest.approx(4 * units.RAM_W_PER_GB)
 
 
 def test_real_psutil_smoke():

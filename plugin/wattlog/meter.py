@@ -167,7 +167,7 @@ class EnergyMeter:
         self._closed = True
         assert self._sampler is not None
         self._sampler.stop()
-        self._sampler.sample_once()
+        self._sampler.sample_once(final=True)
         for trace in self._traces:
             trace.finished = True
         # end at the final sample, so the segments add up to exactly the counters' delta

@@ -117,13 +117,17 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="wattlog-sampler", daemon=True)
         self._thread.start()
 
-    def sample_once(self) -> None:
-        """Read every live source once (on the calling thread)."""
+    def sample_once(self, final: bool = False) -> None:
+        """Read every live source once (on the calling thread); ``final`` forces slow sources to update.
+
+        A reading no newer than the trace's last one (a source that updates on its own, slower
+        cadence) carries no news and is skipped.
+        """
         for i, (source, trace) in enumerate(zip(self._sources, self._traces)):
             if trace.dead_reason is not None:
                 continue
             try:
-                reading = source.read()
+                reading = source.read_final() if final else source.read()
             except Exception as exc:  # noqa: BLE001 - any failure degrades this source only
                 if getattr(exc, "transient", False):  # skip this sample: the trace interpolates the gap
                     for note in getattr(exc, "notes", ()) or (str(exc),):
@@ -131,6 +135,9 @@ class Sampler:
                     continue
                 trace.dead_reason = f"{type(exc).__name__}: {exc}"
                 self._on_failure(i, exc)
+                continue
+            last_s = trace.last_time_s()
+            if last_s is not None and reading.time_s <= last_s:
                 continue
             if not trace.append(reading.time_s, reading.energy_j):
                 self._on_note(f"{type(source).__name__}: cumulative energy went backwards; held")

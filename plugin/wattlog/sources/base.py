@@ -77,6 +77,10 @@ class EnergySource(ABC):
             SourceError: the hardware failed; the meter degrades this source.
         """
 
+    def read_final(self) -> Reading:
+        """The last reading before ``close()``; sources that update on a slower cadence force an update."""
+        return self.read()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the hardware. Safe to call twice and after a failed start."""
 

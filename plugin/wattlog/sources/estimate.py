@@ -29,7 +29,7 @@ from pathlib import Path
 
 from wattlog import units
 from wattlog.errors import ConfigError, SourceError, SourceUnavailable
-from wattlog.sources.base import Domain, EnergySource, PowerIntegrator, Reading
+from wattlog.sources.base import Domain, EnergySource, Reading
 
 DEFAULT_TDP_W_PER_THREAD = 4.0
 """Whole-machine CPU power at full load per logical CPU, when the model is not in the table.
@@ -205,43 +205,48 @@ def _check_interval(update_interval_s: float) -> float:
 
 
 class _SteppedPower(EnergySource):
-    """Integrates a power level that is re-sampled at most every ``update_interval_s``."""
+    """Integrates an estimated power over update intervals of at least ``update_interval_s``.
+
+    Each update measures what happened *during* the interval that just ended (CPU time used, memory
+    in use at both ends) and adds that interval's energy, so there is no warm-up hole: the first
+    interval after ``start()`` is measured like any other. Between updates ``read()`` repeats the
+    last update's reading (same time, same joules), which the sampler skips; ``read_final()`` forces
+    an update, so a meter closed after 0.2 s still gets those 0.2 s.
+    """
 
     _domain_name: str
 
     def __init__(self, update_interval_s: float) -> None:
         self._update_interval_s = _check_interval(update_interval_s)
-        self._integrator = PowerIntegrator()
-        self._power_w = 0.0
+        self._energy_j = 0.0
         self._last_update_s = 0.0
         self._started = False
 
-    def _begin(self, power_w: float) -> None:
-        now_s = self.now_s()
-        self._integrator = PowerIntegrator()
-        self._power_w = power_w
-        self._last_update_s = now_s
-        self._integrator.add(now_s, power_w)
+    def _begin(self) -> None:
+        self._energy_j = 0.0
+        self._last_update_s = self.now_s()
         self._started = True
 
-    def _sample_power_w(self, now_s: float) -> float:
-        """The power level from ``now_s`` on (may cost milliseconds)."""
+    def _interval_energy_j(self, now_s: float, span_s: float) -> float:
+        """Energy of the interval ``[now_s - span_s, now_s]`` just ended (may cost milliseconds)."""
         raise NotImplementedError
 
-    def read(self) -> Reading:
-        """Cumulative estimated joules since ``start()``."""
+    def read(self, force: bool = False) -> Reading:
+        """Cumulative estimated joules since ``start()``, as of the latest update."""
         if not self._started:
             raise SourceError(f"{type(self).__name__}.read() called before start()")
         now_s = self.now_s()
-        self._integrator.add(now_s, self._power_w)  # close the interval at the held level
-        if now_s - self._last_update_s >= self._update_interval_s:
+        span_s = now_s - self._last_update_s
+        if span_s > 0 and (force or span_s >= self._update_interval_s):
             try:
-                self._power_w = max(0.0, float(self._sample_power_w(now_s)))
+                self._energy_j += max(0.0, float(self._interval_energy_j(now_s, span_s)))
             except Exception as exc:  # psutil.Error, OSError: the meter degrades this source
                 raise SourceError(f"{type(self).__name__}: sampling failed: {exc}") from exc
             self._last_update_s = now_s
-            self._integrator.add(now_s, self._power_w)  # same instant: sets the new level only
-        return Reading(now_s, {self._domain_name: self._integrator.energy_j})
+        return Reading(self._last_update_s, {self._domain_name: self._energy_j})
+
+    def read_final(self) -> Reading:
+        return self.read(force=True)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -321,7 +326,7 @@ class EstimatedCpu(_SteppedPower):
             self._last_busy_s, self._last_total_s = self._cpu_seconds()
         except Exception as exc:  # ImportError, OSError, psutil.Error
             raise SourceUnavailable(f"CPU estimate unavailable: {exc}") from exc
-        self._begin(0.0)
+        self._begin()
         return [Domain("cpu", "cpu", "estimate", True, 0, self.tdp_w)]
 
     def _cpu_seconds(self) -> tuple[float, float]:
@@ -346,21 +351,21 @@ class EstimatedCpu(_SteppedPower):
             busy_s += ct.user + ct.system
         return busy_s, 0.0
 
-    def _utilisation(self, now_s: float) -> float:
-        """Mean utilisation (0..1) of the whole machine's CPUs since the previous update."""
+    def _utilisation(self, wall_span_s: float) -> float:
+        """Mean utilisation (0..1) of the whole machine's CPUs over the interval just ended."""
         busy_s, total_s = self._cpu_seconds()
         if self._proc is None:
             span_s = total_s - self._last_total_s
         else:
-            span_s = (now_s - self._last_update_s) * self._n_threads
+            span_s = wall_span_s * self._n_threads
         used_s = busy_s - self._last_busy_s
         self._last_busy_s, self._last_total_s = busy_s, total_s
         if span_s <= 0:
             return 0.0
         return min(1.0, max(0.0, used_s / span_s))
 
-    def _sample_power_w(self, now_s: float) -> float:
-        return self.tdp_w * self._utilisation(now_s)
+    def _interval_energy_j(self, now_s: float, span_s: float) -> float:
+        return self.tdp_w * self._utilisation(span_s) * span_s
 
     def provenance(self) -> dict[str, str]:
         """``cpu_method``, ``cpu_model``, ``cpu_tdp_w``, ``cpu_tdp_source``, ``cpu_scope``."""
@@ -396,6 +401,7 @@ class EstimatedRam(_SteppedPower):
         super().__init__(update_interval_s)
         self._scope = _check_scope(scope)
         self._proc: object | None = None
+        self._power_w = 0.0
 
     def start(self) -> list[Domain]:
         """Take the first memory sample and return the ``ram`` domain."""
@@ -403,10 +409,10 @@ class EstimatedRam(_SteppedPower):
             import psutil
 
             self._proc = psutil.Process() if self._scope == "process" else None
-            power_w = self._power_from_bytes(self._used_bytes())
+            self._power_w = self._power_from_bytes(self._used_bytes())
         except Exception as exc:  # ImportError, OSError, psutil.Error
             raise SourceUnavailable(f"RAM estimate unavailable: {exc}") from exc
-        self._begin(power_w)
+        self._begin()
         return [Domain("ram", "ram", "estimate", True, 0)]
 
     @staticmethod
@@ -429,8 +435,12 @@ class EstimatedRam(_SteppedPower):
                 continue
         return used
 
-    def _sample_power_w(self, now_s: float) -> float:
-        return self._power_from_bytes(self._used_bytes())
+    def _interval_energy_j(self, now_s: float, span_s: float) -> float:
+        """Trapezoid of the memory power at both ends of the interval."""
+        power_w = self._power_from_bytes(self._used_bytes())
+        energy_j = 0.5 * (self._power_w + power_w) * span_s
+        self._power_w = power_w
+        return energy_j
 
     def provenance(self) -> dict[str, str]:
         """``ram_method``, ``ram_scope``."""
