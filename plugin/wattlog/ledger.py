@@ -5,8 +5,13 @@ Flow: the meter yields :class:`~wattlog.meter.Segment` objects labelled with a :
 :class:`StepRecord`; :class:`EnergyLedger` (on the writing process) merges the records of every
 rank, keeps the running totals and turns each training step into the contract's metrics:
 
-``energy/step_j``, ``energy/power_w``, ``energy/gpu_power_w``, ``energy/total_kwh``,
-``energy/emissions_g`` and, with ``per_device``, ``energy/gpu{i}_power_w``.
+``energy/step_j``, ``energy/power_w``, ``energy/gpu_power_w`` (only when a GPU is measured),
+``energy/total_j``, ``energy/emissions_g`` and, with ``per_device``, ``energy/gpu{i}_power_w``.
+
+Step attribution: a train step's record runs from the start of its first (micro-)batch to the start
+of the next step's first batch, so records telescope and gradient accumulation gives one record per
+optimizer step. The step number arrives as an ordered :class:`StepEnd` event in the same stream as
+the boundaries, so a record is emitted only once it is complete and numbered.
 
 Memory stays bounded however long the run: the per-step rows of ``energy/trace.csv`` go to a
 :class:`TraceLog` (an unlinked temporary file written as the run goes, plus a decimated copy of at
@@ -23,24 +28,33 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from wattlog import keys
 from wattlog.meter import Segment
 from wattlog.units import J_PER_KWH, emissions_g
 
-STAGES = ("train", "val", "test", "predict")
+STAGES = keys.STAGES
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepLabel:
-    """What a boundary starts: a step of a stage (``step`` may be filled in when the step ends)."""
+    """What a boundary starts: a batch of a stage (train batches get their step from :class:`StepEnd`)."""
 
     stage: str
     step: int | None = None
     samples: int = 0
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """Ordered event: the open train step completed, and Lightning logs its metrics at ``step``."""
+
+    step: int
 
 
 @dataclass
@@ -90,29 +104,44 @@ class StepAggregator:
         self._prefix = domain_prefix
         self._rank = rank
         self._current: StepRecord | None = None
+        self._numbered = False  # the current train record got its StepEnd
 
     def add(self, segments: Iterable[Segment]) -> list[StepRecord]:
         done: list[StepRecord] = []
         for seg in segments:
             label = seg.label
-            if isinstance(label, StepLabel):
+            energy = {self._prefix + k: v for k, v in seg.energy_j.items()}
+            wall_s = seg.duration_s if self._rank == 0 else 0.0
+            cur = self._current
+            if isinstance(label, StepEnd):
+                if cur is not None and cur.stage == "train" and not self._numbered:
+                    cur.step = label.step  # the gap after the step (logging, next fetch) is the step's
+                    self._numbered = True
+                    self._merge(cur, seg, energy, wall_s, 0)
+                    continue
+                stage, step, samples = "other", -1, 0
+            elif isinstance(label, StepLabel):
                 stage, step, samples = label.stage, label.step if label.step is not None else -1, label.samples
             else:
                 stage, step, samples = "other", -1, 0
-            energy = {self._prefix + k: v for k, v in seg.energy_j.items()}
-            cur = self._current
-            wall_s = seg.duration_s if self._rank == 0 else 0.0
-            if cur is not None and cur.stage == stage and cur.step == step:
-                cur.end_s = seg.end_s
-                cur.wall_s += wall_s
-                cur.samples += samples
-                for k, v in energy.items():
-                    cur.energy_j[k] = cur.energy_j.get(k, 0.0) + v
+            if cur is not None and cur.stage == stage and (
+                (stage == "train" and not self._numbered) or (stage != "train" and cur.step == step)
+            ):
+                self._merge(cur, seg, energy, wall_s, samples)  # micro-batches of one optimizer step
                 continue
             if cur is not None:
                 done.append(cur)
             self._current = StepRecord(stage, step, seg.start_s, seg.end_s, energy, samples, 1, wall_s)
+            self._numbered = False
         return done
+
+    @staticmethod
+    def _merge(cur: StepRecord, seg: Segment, energy: dict[str, float], wall_s: float, samples: int) -> None:
+        cur.end_s = seg.end_s
+        cur.wall_s += wall_s
+        cur.samples += samples
+        for k, v in energy.items():
+            cur.energy_j[k] = cur.energy_j.get(k, 0.0) + v
 
     def finish(self) -> list[StepRecord]:
         """Emit the step in progress (at the end of a stage)."""
@@ -130,7 +159,7 @@ class LedgerState:
     stage_samples: dict[str, int] = field(default_factory=dict)
     stage_duration_s: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0
-    kwh_to_target: float | None = None
+    j_to_target: float | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     rerun_j: float = 0.0
 
@@ -139,7 +168,10 @@ TRACE_FIELDS = ("stage", "step", "attempt", "t_start_s", "t_end_s", "duration_s"
 
 
 class TraceLog:
-    """The rows of ``energy/trace.csv``, written as they come to an unlinked temporary file.
+    """The rows of ``energy/trace.csv``, written as they come to a private temporary file.
+
+    :meth:`suspend` closes the file between stages (no descriptor stays open while nothing is
+    measured); the next row reopens it. :meth:`close` deletes it.
 
     Memory is O(``max_plot_rows``): besides the file, it keeps at most ``max_plot_rows`` rows for the
     power chart: every row until there are that many, then bins of 2, 4, ... consecutive rows merged
@@ -155,6 +187,7 @@ class TraceLog:
         self.domains: list[str] = sorted(set(domains))
         self.max_plot_rows = max(2, int(max_plot_rows))
         self.rows = 0
+        self._path: str | None = None
         self._file: IO[str] | None = None
         self._writer: Any = None
         self._file_domains: list[str] = []
@@ -170,12 +203,14 @@ class TraceLog:
         if new:
             self.domains = sorted(set(self.domains) | set(new))
             self._known.update(new)
-        if self._file is None:
-            self._file = tempfile.TemporaryFile("w+", newline="", prefix="wattlog-trace-")
+        if self._path is None:
+            fd, self._path = tempfile.mkstemp(prefix="wattlog-trace-", suffix=".csv")
+            self._file = os.fdopen(fd, "w+", newline="")
             self._writer = csv.writer(self._file)
             self._file_domains = list(self.domains)
         elif new:  # a late domain: a new trailing column (earlier rows are padded with 0 on write-out)
             self._file_domains += [d for d in new if d not in self._file_domains]
+        self._reopen()
         row = _trace_row(rec, attempt, self._file_domains)
         self._writer.writerow(row.values())
         self._bin = row if self._bin is None else _merge_rows(self._bin, row)
@@ -189,6 +224,17 @@ class TraceLog:
                 self._stride *= 2
         self.rows += 1
 
+    def _reopen(self) -> None:
+        if self._file is None and self._path is not None:
+            self._file = open(self._path, "a+", newline="")  # noqa: SIM115 - closed by suspend()/close()
+            self._writer = csv.writer(self._file)
+
+    def suspend(self) -> None:
+        """Close the file until the next row or read (its rows are kept)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def _columns(self) -> list[str]:
         return [*TRACE_FIELDS, "total_j", "power_w", *(f"{d}_j" for d in self._file_domains)]
 
@@ -198,6 +244,7 @@ class TraceLog:
         with open(path, "w", newline="") as out:
             writer = csv.writer(out)
             writer.writerow(cols)
+            self._reopen()
             if self._file is not None:
                 self._file.flush()
                 self._file.seek(0)
@@ -213,6 +260,7 @@ class TraceLog:
     def all_rows(self) -> list[dict[str, object]]:
         """Every row as a dict (reads the file back: memory grows with the run; for small runs)."""
         cols = self._columns()
+        self._reopen()
         if self._file is None:
             return []
         self._file.flush()
@@ -228,9 +276,13 @@ class TraceLog:
 
     def close(self) -> None:
         """Delete the temporary file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.suspend()
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+            self._path = None
 
 
 def _merge_rows(a: dict[str, object], b: dict[str, object]) -> dict[str, object]:
@@ -353,18 +405,19 @@ class EnergyLedger:
     def step_metrics(self, rec: StepRecord) -> dict[str, float]:
         """The per-step contract keys for one train step (cumulative keys use current totals)."""
         duration_s = rec.duration_s
-        gpu_j = sum(v for k, v in rec.energy_j.items() if self.domain_kinds.get(k) == "gpu")
         metrics = {
-            "energy/step_j": rec.total_j,
-            "energy/power_w": rec.total_j / duration_s if duration_s > 0 else 0.0,
-            "energy/gpu_power_w": gpu_j / duration_s if duration_s > 0 else 0.0,
-            "energy/total_kwh": self.total_kwh,
-            "energy/emissions_g": self.emissions_g,
+            keys.STEP_J: rec.total_j,
+            keys.POWER_W: rec.total_j / duration_s if duration_s > 0 else 0.0,
+            keys.TOTAL_J: self.state.total_j,
+            keys.EMISSIONS_G: self.emissions_g,
         }
+        if self.gpu_order:  # GPU keys only when a GPU is measured
+            gpu_j = sum(v for k, v in rec.energy_j.items() if self.domain_kinds.get(k) == "gpu")
+            metrics[keys.GPU_POWER_W] = gpu_j / duration_s if duration_s > 0 else 0.0
         if self.per_device:
             for i, name in enumerate(self.gpu_order):
                 joules = rec.energy_j.get(name, 0.0)
-                metrics[f"energy/gpu{i}_power_w"] = joules / duration_s if duration_s > 0 else 0.0
+                metrics[keys.gpu_device_power_w(i)] = joules / duration_s if duration_s > 0 else 0.0
         return metrics
 
     # -- totals ------------------------------------------------------------------------------
@@ -378,39 +431,38 @@ class EnergyLedger:
         return emissions_g(self.total_kwh, self.intensity_g_per_kwh, self.pue)
 
     def observe_metric(self, value: float, target: float, mode: str) -> bool:
-        """Record ``energy/kwh_to_target`` the first time ``value`` reaches ``target``."""
-        if self.state.kwh_to_target is not None or value is None or not math.isfinite(value):
+        """Record ``energy/j_to_target`` the first time ``value`` reaches ``target``."""
+        if self.state.j_to_target is not None or value is None or not math.isfinite(value):
             return False
         reached = value >= target if mode == "max" else value <= target
         if reached:
-            self.state.kwh_to_target = self.total_kwh
+            self.state.j_to_target = self.state.total_j
         return reached
 
-    def summary(self, stage: str) -> dict[str, float]:
-        """Summary metrics after a stage: totals by kind and stage, J/sample, power, duration.
+    def summary(self) -> dict[str, float]:
+        """Summary metrics: totals by measured kind and by stage that ran, J/sample, power, duration.
 
-        Keys: ``energy/{gpu,cpu,ram}_kwh``, ``energy/{train,val,test,predict}_kwh``,
-        ``energy/j_per_sample`` (train), ``energy/{test,predict}_j_per_sample``,
-        ``energy/avg_power_w``, ``energy/duration_s``, ``energy/total_kwh``,
-        ``energy/emissions_g`` and, once reached, ``energy/kwh_to_target``.
+        Keys: ``energy/{gpu,cpu,ram}_j`` (measured kinds only), ``energy/{train,val,test,predict}_j``
+        (stages that ran), ``energy/j_per_sample`` (train), ``energy/{val,test,predict}_j_per_sample``,
+        ``energy/avg_power_w``, ``energy/duration_s``, ``energy/total_j``, ``energy/emissions_g``;
+        once reached ``energy/j_to_target``; after a resume ``energy/rerun_j``.
         """
         s = self.state
-        out: dict[str, float] = {f"energy/{k}_kwh": s.kind_j.get(k, 0.0) / J_PER_KWH for k in ("gpu", "cpu", "ram")}
+        measured = set(self.domain_kinds.values())
+        out: dict[str, float] = {keys.kind_j(k): s.kind_j.get(k, 0.0) for k in keys.KINDS if k in measured}
         for st in STAGES:
             if st in s.stage_j:
-                out[f"energy/{st}_kwh"] = s.stage_j[st] / J_PER_KWH
-        for st, key in (("train", "energy/j_per_sample"), ("test", "energy/test_j_per_sample"),
-                        ("predict", "energy/predict_j_per_sample"), ("val", "energy/val_j_per_sample")):
-            if s.stage_samples.get(st):
-                out[key] = s.stage_j.get(st, 0.0) / s.stage_samples[st]
-        out["energy/duration_s"] = s.duration_s
-        out["energy/avg_power_w"] = s.total_j / s.duration_s if s.duration_s > 0 else 0.0
-        out["energy/total_kwh"] = self.total_kwh
-        out["energy/emissions_g"] = self.emissions_g
-        if s.kwh_to_target is not None:
-            out["energy/kwh_to_target"] = s.kwh_to_target
+                out[keys.stage_j(st)] = s.stage_j[st]
+                if s.stage_samples.get(st):
+                    out[keys.stage_j_per_sample(st)] = s.stage_j[st] / s.stage_samples[st]
+        out[keys.DURATION_S] = s.duration_s
+        out[keys.AVG_POWER_W] = s.total_j / s.duration_s if s.duration_s > 0 else 0.0
+        out[keys.TOTAL_J] = s.total_j
+        out[keys.EMISSIONS_G] = self.emissions_g
+        if s.j_to_target is not None:
+            out[keys.J_TO_TARGET] = s.j_to_target
         if len(s.attempts) > 1 or s.rerun_j > 0:
-            out["energy/rerun_kwh"] = s.rerun_j / J_PER_KWH
+            out[keys.RERUN_J] = s.rerun_j
         return out
 
     # -- run attempts ------------------------------------------------------------------------
@@ -425,47 +477,54 @@ class EnergyLedger:
         self.state.attempts.append({"id": attempt_id, "start_step": int(start_step)})
         return self.attempt
 
-    def reconcile_rerun(self, total_kwh_by_step: dict[int, float], start_step: int) -> tuple[int, float]:
+    def reconcile_rerun(self, total_j_by_step: dict[int, float], start_step: int) -> tuple[int, float]:
         """Account what the previous attempt logged after the checkpoint this attempt resumed from.
 
-        The previous attempt (killed) logged ``energy/total_kwh`` at steps after ``start_step``;
+        The previous attempt (killed) logged ``energy/total_j`` at steps after ``start_step``;
         those steps are re-run now. Policy: the per-step history keeps the *first* value logged for a
         step (MLflow cannot delete points, and the killed attempt's points may already be delivered),
         so this attempt does not log per-step keys for steps up to the previous attempt's last logged
         step (:attr:`suppress_through_step`); its energy for them still counts in the totals. The
-        energy the killed attempt spent after the checkpoint, as far as it logged it, is wasted: it
-        is added to ``energy/rerun_kwh``, never to ``energy/total_kwh``.
+        energy the killed attempt spent after the checkpoint, as far as it logged it, was spent for
+        nothing: it is reported as ``energy/rerun_j`` and stays in ``energy/total_j`` (energy spent
+        is spent; and the run's cumulative keys never decrease across attempts).
 
         Args:
-            total_kwh_by_step: ``energy/total_kwh`` values an earlier attempt logged, by step.
-            start_step: this attempt's first step minus one (the checkpoint's global step).
+            total_j_by_step: every ``energy/total_j`` value earlier attempts logged, by step.
+            start_step: the first step this attempt logs (steps before it came from the checkpoint).
 
         Returns:
-            (last step the previous attempt logged, wasted kWh); ``(start_step, 0.0)`` if none.
+            (last step the previous attempt logged, wasted joules); ``(start_step, 0.0)`` if none.
         """
-        after = {s: v for s, v in total_kwh_by_step.items() if s > start_step and math.isfinite(v)}
-        if not after:
+        logged = {s: v for s, v in total_j_by_step.items() if math.isfinite(v)}
+        if not logged:
             return start_step, 0.0
-        last = max(after)
-        wasted_j = max(0.0, after[last] * J_PER_KWH - self.state.total_j)
+        last = max([s for s in logged if s >= start_step], default=start_step - 1)
+        wasted_j = max(0.0, max(logged.values()) - self.state.total_j)  # the highest total any attempt logged
         self.state.rerun_j += wasted_j
-        self.suppress_through_step = max(self.suppress_through_step, last)
+        self.state.total_j += wasted_j
+        if last >= start_step:
+            self.suppress_through_step = max(self.suppress_through_step, last)
         if self.state.attempts:
             self.state.attempts[-1].update({"rerun_through_step": last, "rerun_j": wasted_j})
-        return last, wasted_j / J_PER_KWH
+        return last, wasted_j
 
     # -- resume ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, object]:
         s = self.state
         return {
-            "version": 2, "total_j": s.total_j, "kind_j": dict(s.kind_j), "stage_j": dict(s.stage_j),
+            "version": 3, "total_j": s.total_j, "kind_j": dict(s.kind_j), "stage_j": dict(s.stage_j),
             "stage_samples": dict(s.stage_samples), "stage_duration_s": dict(s.stage_duration_s),
-            "duration_s": s.duration_s, "kwh_to_target": s.kwh_to_target,
+            "duration_s": s.duration_s, "j_to_target": s.j_to_target,
             "attempts": [dict(a) for a in s.attempts], "rerun_j": s.rerun_j,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Continue the totals of ``state`` (version 2 checkpoints stored the target energy in kWh)."""
+        j_to_target = state.get("j_to_target")
+        if j_to_target is None and state.get("kwh_to_target") is not None:
+            j_to_target = float(state["kwh_to_target"]) * J_PER_KWH  # type: ignore[arg-type]
         self.state = LedgerState(
             total_j=float(state.get("total_j", 0.0)),  # type: ignore[arg-type]
             kind_j=dict(state.get("kind_j", {})),  # type: ignore[arg-type]
@@ -473,7 +532,7 @@ class EnergyLedger:
             stage_samples=dict(state.get("stage_samples", {})),  # type: ignore[arg-type]
             stage_duration_s=dict(state.get("stage_duration_s", {})),  # type: ignore[arg-type]
             duration_s=float(state.get("duration_s", 0.0)),  # type: ignore[arg-type]
-            kwh_to_target=state.get("kwh_to_target"),  # type: ignore[arg-type]
+            j_to_target=j_to_target,  # type: ignore[arg-type]
             attempts=[dict(a) for a in state.get("attempts", [])],  # type: ignore[union-attr]
             rerun_j=float(state.get("rerun_j", 0.0)),  # type: ignore[arg-type]
         )

@@ -14,12 +14,12 @@ from typing import Any
 
 
 class CudaBoundaries:
-    """Mark ``meter`` when the GPU reaches each boundary; marks keep their order."""
+    """Mark ``session`` when the GPU reaches each boundary; marks keep their order."""
 
-    def __init__(self, meter: Any, event_factory: Any = None) -> None:
-        self._meter = meter
+    def __init__(self, session: Any, event_factory: Any = None) -> None:
+        self._session = session
         self._event_factory = event_factory
-        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, Any, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -30,20 +30,23 @@ class CudaBoundaries:
         self._thread = threading.Thread(target=self._run, name="wattlog-cuda-marks", daemon=True)
         self._thread.start()
 
-    def mark(self, label: Any) -> None:
-        """Training thread: record an event on the current stream and queue it."""
+    def mark(self, label: Any, step: int | None = None) -> None:
+        """Training thread: record an event on the current stream and queue it (``step``: a step end)."""
         event = self._event_factory()
         event.record()
-        self._queue.put((event, label))
+        self._queue.put((event, label, step))
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            event, label = item
+            event, label, step = item
             event.synchronize()  # blocks this thread only; the GIL is released while waiting
-            self._meter.mark(label, time.perf_counter())
+            if step is None:
+                self._session.mark(label, time.perf_counter())
+            else:
+                self._session.step_completed(step, time.perf_counter())
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Wait for queued boundaries to complete, then stop the thread."""

@@ -1,0 +1,100 @@
+"""What the Lightning callback needs to know about a Trainer: its run, its sinks, its GPUs, its step.
+
+Kept apart from the callback so that the callback stays wiring. No import of lightning here:
+everything is read off the trainer duck-typed (``lightning.pytorch`` and ``pytorch_lightning``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from wattlog.errors import NoRunError, strict_mode
+from wattlog.options import MonitorOptions
+
+NO_RUN_HINT = (
+    "add an MLFlowLogger to the Trainer (Trainer(logger=MLFlowLogger(experiment_name=..., "
+    "tracking_uri='sqlite:///mlflow.db'))) or start one with mlflow.start_run() before fit"
+)
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a session writes: an MLflow run (``run_id``), or a local folder when there is none."""
+
+    run_id: str | None
+    tracking_uri: str | None
+    local_dir: str | None
+
+
+def _is_mlflow_logger(logger: Any) -> bool:
+    return type(logger).__name__ == "MLFlowLogger"
+
+
+def find_run(trainer: Any, options: MonitorOptions) -> RunTarget:
+    """The trainer's ``MLFlowLogger`` run, else MLflow's active run, else a local ``energy/`` folder.
+
+    Raises:
+        NoRunError: no MLflow run and ``require_mlflow=True`` or strict mode.
+    """
+    for logger in getattr(trainer, "loggers", []) or []:
+        if _is_mlflow_logger(logger):
+            return RunTarget(logger.run_id, getattr(logger, "_tracking_uri", None), None)
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow is not None else None
+    if run is not None:
+        return RunTarget(run.info.run_id, mlflow.get_tracking_uri(), None)
+    if options.require_mlflow or strict_mode():
+        raise NoRunError(f"EnergyMonitor found no MLflow run: {NO_RUN_HINT}; or pass require_mlflow=False "
+                         "(and unset WATTLOG_STRICT) to write energy to a local folder")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = getattr(trainer, "default_root_dir", None) or os.getcwd()
+    return RunTarget(None, None, os.path.join(root, "energy", f"{stamp}-{uuid.uuid4().hex[:6]}"))
+
+
+def build_sink(trainer: Any, target: RunTarget, options: MonitorOptions, on_error: Callable[..., None]) -> Any:
+    """The sink of one stage: the MLflow spool (or the local folder) plus the trainer's other loggers."""
+    from wattlog.sinks.base import LocalSink, LoggerSink, MultiSink
+
+    if target.run_id is not None:
+        from wattlog.sinks.mlflow import MlflowSink
+
+        spool = options.spool_dir or os.environ.get("WATTLOG_SPOOL_DIR") or os.path.join(
+            getattr(trainer, "default_root_dir", None) or ".", ".wattlog", "spool")
+        primary: Any = MlflowSink(target.run_id, tracking_uri=target.tracking_uri, spool_dir=spool)
+    else:
+        primary = LocalSink(target.local_dir or "energy")
+    others = [lg for lg in getattr(trainer, "loggers", []) or [] if not _is_mlflow_logger(lg)]
+    return MultiSink([primary, LoggerSink(others, on_error)]) if others else primary
+
+
+def gpu_selection(trainer: Any, options: MonitorOptions) -> Any:
+    """The GPUs this process trains on: its CUDA root device, ``"none"`` on CPU/MPS, else the option."""
+    if options.gpus != "auto":
+        return options.gpus
+    root = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    if root is None:
+        return "auto"
+    return [root.index or 0] if getattr(root, "type", "") == "cuda" else "none"
+
+
+def uses_cuda(trainer: Any) -> bool:
+    root = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    return root is not None and getattr(root, "type", "") == "cuda"
+
+
+def logged_step(trainer: Any) -> int:
+    """The step at which Lightning logs the current train batch's metrics (before it increments)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    return int(step) if step is not None else max(0, int(trainer.global_step) - 1)
+
+
+def stage_fn(trainer: Any) -> str:
+    """``fit``, ``validate``, ``test`` or ``predict``: what the trainer is running."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return str(getattr(fn, "value", fn) or "")

@@ -1,0 +1,441 @@
+"""EnergySession: meter -> step records -> ledger -> Sink, for ONE run (framework-free).
+
+Every integration (Lightning, Hugging Face, Fabric, plain loops) is a thin adapter over this class.
+It imports no torch, lightning, mlflow or hydra. The training thread calls:
+
+- :meth:`mark` when a batch starts and :meth:`step_completed` when an optimizer step ends: O(1)
+  appends to the meter's boundary deque, in one ordered stream, so a drain at any time sees either
+  no record for a step or a complete one;
+- :meth:`drain` at logging boundaries: resolved records become points, appended to the sink;
+- :meth:`end_stage` at the end of fit/validate/test/predict: stops measuring, logs the summary,
+  params, tags and artifacts, and waits (bounded) for the sink to store them.
+
+Lifecycle: :meth:`open` (a stage starts: sink and meter) ... :meth:`end_stage` ... :meth:`suspend`
+(the stage's sink is closed; no thread, process or file stays open), then :meth:`open` again with a
+new sink for the next stage of the same run (the totals continue), or :meth:`close`.
+
+Logged keys (see :mod:`wattlog.keys`): per train step ``energy/step_j``, ``energy/power_w``,
+``energy/total_j``, ``energy/emissions_g``, ``energy/gpu_power_w`` (GPU measured) and
+``energy/gpu{i}_power_w`` (``per_device``); per stage the summary of
+:meth:`wattlog.ledger.EnergyLedger.summary`; params ``energy.gpu_model``, ``energy.gpu_count``,
+``energy.{gpu,cpu,ram}_method``, ``energy.carbon_intensity_g_per_kwh``, ``energy.carbon_source``,
+``energy.pue``; tags ``energy.estimated``, ``energy.degraded``, ``energy.partial``; artifacts
+``energy/trace.csv`` and ``energy/power.png``.
+
+Steps: a per-step point is logged at the step given to :meth:`step_completed` when
+``(step + 1) % log_every_n_steps == 0`` (Lightning's rule). A summary key is logged at the step
+given to :meth:`end_stage`, or, when that key already has a point at or after it, at the next free
+step: so every (key, step) has exactly one point and every key's steps increase.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+from wattlog import keys
+from wattlog.errors import SourceUnavailable, WattlogError, degrade
+from wattlog.ledger import EnergyLedger, StepAggregator, StepEnd, StepLabel, StepRecord
+from wattlog.options import MonitorOptions
+from wattlog.sinks.spool import Point
+
+__all__ = ["Collectives", "EnergySession", "StepEnd", "StepLabel"]
+
+
+class Collectives(Protocol):
+    """How ranks exchange objects (the Lightning adapter implements it with torch.distributed)."""
+
+    rank: int
+    world_size: int
+    partial: str | None
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's object, in rank order (one collective; every rank calls it)."""
+
+
+class EnergySession:
+    """Measure one run and write it to a sink.
+
+    Args:
+        options: validated monitor options.
+        gpus: the GPUs to measure (``"auto"``, ``"none"`` or CUDA indices), as the adapter resolved them.
+        host: measure CPU and RAM here (local rank 0 only, so a node is counted once).
+        log_every_n_steps: per-step points every n steps.
+        collectives: for DDP; None in a single process.
+        on_degrade: called with every degradation reason (after the policy's warning).
+    """
+
+    def __init__(
+        self,
+        options: MonitorOptions,
+        *,
+        gpus: str | Sequence[int] = "auto",
+        host: bool = True,
+        log_every_n_steps: int = 1,
+        collectives: Collectives | None = None,
+        on_degrade: Callable[[str], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.sink: Any = None
+        self.gpus = gpus
+        self.host = host
+        self.log_every = max(1, int(log_every_n_steps))
+        self.collectives = collectives
+        self.rank = collectives.rank if collectives else 0
+        self.world_size = collectives.world_size if collectives else 1
+        self.ledger: EnergyLedger | None = None
+        self.progress: dict[str, float] = {}
+        self.idle_power_w: float | None = None
+        self._on_degrade = on_degrade
+        self._choices: list[Any] = []
+        self._intensity: Any = None
+        self._meter: Any = None
+        self._aggregator: StepAggregator | None = None
+        self._prefix = f"r{self.rank}." if self.world_size > 1 else ""
+        self._drained_j: dict[str, float] = {}
+        self._last_step: dict[str, int] = {}
+        self._last_value: dict[str, float] = {}
+        self._degraded: list[str] = []
+        self._params_logged = False
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def measuring(self) -> bool:
+        return self._meter is not None
+
+    def open(self, sink: Any) -> None:
+        """A stage starts: start ``sink`` (rank 0) and the meter; the first call also logs the params.
+
+        Raises:
+            SourceUnavailable: a source that was explicitly asked for cannot measure here.
+        """
+        if self._closed:
+            raise WattlogError("EnergySession.open() after close()")
+        if self._meter is not None:
+            return
+        from wattlog.meter import EnergyMeter
+
+        if not self._choices:
+            self._select_sources()
+        if self.rank == 0 and self.sink is None:
+            sink.start()
+            self.sink = sink
+        meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.options.sample_interval_s)
+        domains = meter.start()
+        self._meter, self._drained_j = meter, {}
+        kinds = {self._prefix + d.name: d.kind for d in domains}
+        if self.ledger is None:
+            self._init_ledger(kinds)
+        self._aggregator = StepAggregator(self._prefix, self.rank)
+        if self.rank == 0 and not self._params_logged:
+            self.sink.log_params(self._params())
+            self._params_logged = True
+
+    def measure_idle(self, seconds: float) -> float:
+        """Measure idle power for ``seconds`` (before training); logged as ``energy/idle_power_w``."""
+        with self._meter.window("idle") as idle:
+            time.sleep(seconds)
+        total = [idle.power_w]
+        if self.collectives is not None:
+            total = self.collectives.gather(idle.power_w)
+        self.idle_power_w = float(sum(total))
+        return self.idle_power_w
+
+    def stop(self, collective: bool = True) -> None:
+        """Stop measuring: the final reading's records are accounted (and logged if due)."""
+        if self._meter is None:
+            return
+        meter, self._meter = self._meter, None
+        self._drain(meter.close(), collective=collective, final=True)
+        self._note_meter(meter)
+
+    def suspend(self) -> None:
+        """Between stages: stop measuring and close the stage's sink (bounded by ``delivery_timeout_s``)."""
+        try:
+            self.stop(collective=False)
+        finally:
+            if self.ledger is not None:
+                self.ledger.trace.suspend()
+            sink, self.sink = self.sink, None
+            if sink is not None:
+                sink.close(self.options.delivery_timeout_s)
+
+    def close(self) -> None:
+        """Suspend and release everything (the trace file is deleted); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.suspend()
+        finally:
+            if self.ledger is not None:
+                self.ledger.trace.close()
+
+    # -- the training thread's calls ---------------------------------------------------------
+
+    def mark(self, label: Hashable, time_s: float | None = None) -> None:
+        """A boundary: what follows is ``label`` (a :class:`StepLabel`). O(1), microseconds."""
+        if self._meter is not None:
+            self._meter.mark(label, time_s)
+
+    def step_completed(self, step: int, time_s: float | None = None) -> None:
+        """The open train step ended and its metrics are logged at ``step``. O(1)."""
+        if self._meter is not None:
+            self._meter.mark(StepEnd(step), time_s)
+
+    def is_log_step(self, step: int) -> bool:
+        return (step + 1) % self.log_every == 0
+
+    def drain(self, collective: bool = False) -> None:
+        """Account every resolved record and log the points that are due.
+
+        Under DDP, ``collective=True`` gathers every rank's records (every rank must call it);
+        with ``collective=False`` other ranks keep theirs for the next collective.
+        """
+        if self._meter is not None:
+            try:
+                segments = self._meter.drain()
+            except WattlogError as exc:
+                self._degrade(str(exc), exc)
+                segments = []
+            self._drain(segments, collective=collective, final=False)
+            self._note_meter(self._meter)
+
+    def observe_metric(self, value: float) -> None:
+        """Record the energy to the target the first time ``value`` reaches it (rank 0)."""
+        target = self.options.target
+        if target.metric is None or self.ledger is None or self.rank != 0:
+            return
+        self.drain()
+        self.ledger.observe_metric(float(value), float(target.value), target.mode)  # type: ignore[arg-type]
+
+    def end_stage(self, step: int, collective: bool = True) -> None:
+        """End of fit/validate/test/predict: stop measuring, log summary, params, tags, artifacts.
+
+        Args:
+            step: the documented summary step (the trainer's global step).
+            collective: False after a failure on some rank (no collective that could hang).
+        """
+        self.stop(collective=collective)
+        if self.rank != 0 or self.ledger is None or self.sink is None:
+            return
+        try:
+            summary = self.ledger.summary()
+            if self.idle_power_w is not None:
+                summary[keys.IDLE_POWER_W] = self.idle_power_w
+                dynamic_j = self.ledger.state.total_j - self.idle_power_w * self.ledger.state.duration_s
+                summary[keys.DYNAMIC_J] = max(0.0, dynamic_j)
+            changed = {k: v for k, v in summary.items() if self._last_value.get(k) != v}
+            self._emit([(step, changed)], force=True)
+            if self.options.artifacts:  # before the tags, so that a failed artifact shows in energy.degraded
+                self._log_artifacts()
+            self.sink.set_tags(self._tags())
+            self.sink.flush(self.options.delivery_timeout_s)
+        except WattlogError:
+            raise  # strict mode: the policy already decided
+        except Exception as exc:  # noqa: BLE001 - never kill the training at its very end
+            self._degrade(f"logging the run's summary/tags/artifacts failed: {exc}", exc)
+
+    # -- resume and provenance ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running totals for a checkpoint, including measured energy not yet attributed to a step."""
+        if self.ledger is None:
+            return {}
+        state = self.ledger.state_dict()
+        if self._meter is not None:
+            kind_j = dict(state["kind_j"])  # type: ignore[arg-type]
+            extra_total_j = 0.0
+            for name, joules in self._meter.energy_j().items():
+                extra_j = max(0.0, joules - self._drained_j.get(name, 0.0))
+                kind = self.ledger.domain_kinds.get(self._prefix + name, "other")
+                kind_j[kind] = kind_j.get(kind, 0.0) + extra_j
+                extra_total_j += extra_j
+            state["kind_j"] = kind_j
+            state["total_j"] = float(state["total_j"]) + extra_total_j  # type: ignore[arg-type]
+        return state
+
+    def resume(self, state: dict[str, Any], start_step: int) -> None:
+        """Continue the totals of ``state`` (a fit resumed into the same run) as a new attempt.
+
+        Steps the killed attempt logged at or after ``start_step`` keep their first points
+        (MLflow cannot delete points); the energy it spent on them is ``energy/rerun_j``.
+        """
+        if self.ledger is None:
+            return
+        self.ledger.load_state_dict(state)
+        self.begin_attempt(start_step, resumed=True)
+
+    def begin_attempt(self, start_step: int, resumed: bool = False) -> None:
+        """Tag a fit attempt: ``energy.attempts`` and ``energy.attempt.{n}`` (rank 0)."""
+        if self.ledger is None or self.rank != 0 or self.sink is None:
+            return
+        attempt_id = uuid.uuid4().hex
+        n = self.ledger.begin_attempt(attempt_id, start_step)
+        tag = f"id={attempt_id} start_step={start_step}"
+        if resumed:
+            previous = self.sink.logged_values(keys.TOTAL_J, 0)
+            last, wasted_j = self.ledger.reconcile_rerun(previous, start_step)
+            if last >= start_step:
+                tag += f" rerun_steps={start_step}-{last} rerun_j={wasted_j:.6g}"
+        self.sink.set_tags({keys.T_ATTEMPTS: n, keys.attempt_tag(n): tag})
+
+    def record_checkpoint(self, state: dict[str, Any], run_id: str | None) -> None:
+        """A new run evaluating a checkpoint: the checkpoint's training energy as provenance params."""
+        if self.rank != 0 or not state or self.sink is None:
+            return
+        stage_j = state.get("stage_j") or {}
+        train_j = float(stage_j.get("train", state.get("total_j", 0.0)))  # type: ignore[union-attr]
+        params: dict[str, object] = {keys.P_CHECKPOINT_TRAIN_J: f"{train_j:.6g}"}
+        if run_id:
+            params[keys.P_CHECKPOINT_RUN_ID] = run_id
+        self.sink.log_params(params)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _select_sources(self) -> None:
+        from wattlog.carbon import lookup_intensity
+        from wattlog.sources import select_sources
+
+        o = self.options
+        self._intensity = lookup_intensity(o.carbon.country, o.carbon.region, o.carbon.intensity_g_per_kwh)
+        cpu, ram = (o.cpu, o.ram) if self.host else ("none", "none")
+        if o.require_gpu_counter and self.gpus == "none":
+            raise SourceUnavailable(
+                "require_gpu_counter=True (the `nvml` config) but this run trains on no CUDA GPU: "
+                "train on a GPU (accelerator='gpu') or use energy=default / energy=estimate")
+        self._choices = select_sources(self.gpus, cpu, ram, require_gpu_counter=o.require_gpu_counter,
+                                       powercap_root=o.powercap_root, cpu_scope=o.cpu_scope, ram_scope=o.cpu_scope)
+
+    def _init_ledger(self, local_kinds: dict[str, str]) -> None:
+        all_kinds = [local_kinds] if self.collectives is None else self.collectives.gather(local_kinds)
+        kinds: dict[str, str] = {}
+        gpu_order: list[str] = []
+        for rank_kinds in all_kinds:
+            kinds.update(rank_kinds)
+            gpu_order.extend(name for name, kind in rank_kinds.items() if kind == "gpu")
+        self.ledger = EnergyLedger(kinds, self._intensity.g_per_kwh, self.options.carbon.pue, self.world_size,
+                                   self.options.per_device, gpu_order)
+
+    def _drain(self, segments: list[Any], collective: bool, final: bool) -> None:
+        assert self._aggregator is not None and self.ledger is not None
+        for seg in segments:
+            for name, joules in seg.energy_j.items():
+                self._drained_j[name] = self._drained_j.get(name, 0.0) + joules
+        records = self._aggregator.add(segments)
+        if final:
+            records += self._aggregator.finish()
+        if self.world_size > 1:
+            records = self._exchange(records, collective)
+            if records is None:
+                return
+        points = self.ledger.add(records)
+        if final:
+            points += self.ledger.flush_pending()
+        self._emit([(step, m) for step, m in points if self.is_log_step(step)])
+
+    def _exchange(self, records: list[StepRecord], collective: bool) -> list[StepRecord] | None:
+        """DDP: rank 0 gets every rank's records at a collective; None on other ranks."""
+        self._unsent = getattr(self, "_unsent", []) + records
+        if not collective and self.rank != 0:
+            return None
+        mine, self._unsent = self._unsent, []
+        if not collective:
+            return mine
+        assert self.collectives is not None
+        gathered = self.collectives.gather([r.to_dict() for r in mine])
+        if self.collectives.partial is not None and self.ledger is not None:
+            self.ledger.world_size = 1  # account rank 0's records as they come
+        if self.rank != 0:
+            return None
+        return [StepRecord.from_dict(d) for rank_records in gathered for d in rank_records]
+
+    def _emit(self, points: list[tuple[int, dict[str, float]]], force: bool = False) -> None:
+        """Log ``(step, metrics)``; ``force`` moves a key to its next free step instead of dropping it."""
+        if self.rank != 0 or not points or self.sink is None:
+            return
+        now_ms = int(time.time() * 1000)
+        out: list[Point] = []
+        for step, metrics in points:
+            for key, value in metrics.items():
+                last = self._last_step.get(key)
+                at = step
+                if last is not None and at <= last:
+                    if not force:
+                        continue  # an earlier attempt or stage already has this step
+                    at = last + 1
+                self._last_step[key] = at
+                self._last_value[key] = float(value)
+                out.append(Point(key, float(value), at, now_ms))
+            if keys.POWER_W in metrics and not force:
+                self.progress = {"power_w": metrics[keys.POWER_W], "total_j": metrics[keys.TOTAL_J]}
+        if out:
+            self.sink.log_points(out)
+
+    def _params(self) -> dict[str, object]:
+        by_kind = {c.kind: c for c in self._choices}
+        gpu = by_kind.get("gpu")
+        prov = gpu.source.provenance() if gpu is not None and gpu.source is not None else {}
+        gpu_count = sum(1 for k in self.ledger.domain_kinds.values() if k == "gpu") if self.ledger else 0
+        return {
+            keys.P_GPU_MODEL: prov.get("gpu_model", "none"),
+            keys.P_GPU_COUNT: gpu_count,
+            keys.P_GPU_METHOD: gpu.method if gpu else "none",
+            keys.P_CPU_METHOD: by_kind["cpu"].method if "cpu" in by_kind else "none",
+            keys.P_RAM_METHOD: by_kind["ram"].method if "ram" in by_kind else "none",
+            keys.P_INTENSITY: self._intensity.g_per_kwh,
+            keys.P_CARBON_SOURCE: self._intensity.source,
+            keys.P_PUE: self.options.carbon.pue,
+        }
+
+    def _tags(self) -> dict[str, object]:
+        estimated = ",".join(c.kind for c in self._choices if c.estimated)
+        tags: dict[str, object] = {keys.T_ESTIMATED: estimated or "none"}
+        if self._degraded:
+            tags[keys.T_DEGRADED] = "; ".join(sorted(set(self._degraded)))[:4000]
+        partial = self.collectives.partial if self.collectives is not None else None
+        if partial:
+            tags[keys.T_PARTIAL] = partial[:4000]
+        return tags
+
+    def _log_artifacts(self) -> None:
+        assert self.ledger is not None
+        if not self.ledger.trace.rows:
+            return
+        with tempfile.TemporaryDirectory(prefix="wattlog-") as tmp:
+            trace_path = os.path.join(tmp, keys.TRACE_CSV)
+            self.ledger.trace.write_csv(trace_path)
+            self.sink.log_artifact(trace_path, keys.ARTIFACT_DIR)
+            try:
+                from wattlog.plots import plot_power_trace
+
+                png = plot_power_trace(self.ledger.trace.plot_rows(), os.path.join(tmp, keys.POWER_PNG))
+                self.sink.log_artifact(str(png), keys.ARTIFACT_DIR)
+            except Exception as exc:  # noqa: BLE001 - a chart must not fail the run (matplotlib missing or broken)
+                self._degrade(f"power.png skipped: {type(exc).__name__}: {exc}", exc)
+
+    def _note_meter(self, meter: Any) -> None:
+        for reason in meter.degraded:
+            if reason not in self._degraded:
+                self._degraded.append(reason)  # the meter already applied the policy (warned or raised)
+
+    def _degrade(self, reason: str, exc: BaseException | None = None) -> None:
+        from wattlog.sinks.spool import redact_text
+
+        reason = redact_text(reason)
+        if reason in self._degraded:
+            return
+        self._degraded.append(reason)
+        if self._on_degrade is not None:
+            self._on_degrade(reason)
+        degrade(reason, exc)
+
+    def report_degraded(self, reason: str, exc: BaseException | None = None) -> None:
+        """For adapters: apply the failure policy to ``reason`` once, and tag the run with it."""
+        self._degrade(reason, exc)
