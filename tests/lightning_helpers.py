@@ -41,6 +41,12 @@ def make_module(namespace: str = "lightning", step_sleep_s: float = 0.0, log: bo
             if log:
                 self.log("test_loss", torch.nn.functional.mse_loss(self.layer(x), y))
 
+        def forward(self, x):
+            return self.layer(x)
+
+        def predict_step(self, batch, batch_idx):
+            return self.layer(batch[0])
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
@@ -57,3 +63,27 @@ def metric_history(uri: str, run_id: str, key: str):
     from mlflow import MlflowClient
 
     return MlflowClient(uri).get_metric_history(run_id, key)
+
+
+def spawnable_module():
+    """A module-level (picklable) LightningModule, for ``strategy="ddp_spawn"``."""
+    return _Spawnable()
+
+
+try:
+    import lightning.pytorch as _pl
+
+    class _Spawnable(_pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.02)
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.layer(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+except ImportError:  # pragma: no cover - lightning not installed
+    pass

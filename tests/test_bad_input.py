@@ -52,7 +52,6 @@ MONITOR_CASES = [
     ({"artifacts": "no"}, "artifacts"),
     ({"require_gpu_counter": 0}, "require_gpu_counter"), ({"sync_cuda": "yes"}, "sync_cuda"),
     ({"batch_size_fn": "len"}, "batch_size_fn"),
-    # not validated yet by EnergyMonitor.__init__ (a file someone else owns): expected to fail until fixed
     pytest.param({"target": {"metric": "m", "value": NAN}}, "target.value"),
     pytest.param({"target": {"metric": "m", "value": True}}, "target.value"),
     pytest.param({"target": {"metric": 5, "value": 1}}, "target.metric"),
@@ -137,6 +136,11 @@ HYDRA_CASES = [
     ("energy.spool_dir=''", "energy.spool_dir", "instantiate"),
     ("energy.spool_dir=[1]", "energy.spool_dir", "compose"),
     ("energy.artifacts=x", "energy.artifacts", "compose"),
+    ("energy.cpu_scope=machine", "energy.cpu_scope", "compose"),
+    ("energy.require_mlflow=x", "energy.require_mlflow", "compose"),
+    ("energy.powercap_root=''", "energy.powercap_root", "instantiate"),
+    ("energy.collective_timeout_s=0", "energy.collective_timeout_s", "instantiate"),
+    ("energy.delivery_timeout_s=-1", "energy.delivery_timeout_s", "instantiate"),
 ]
 
 
@@ -190,8 +194,9 @@ def test_hydra_good_config_still_instantiates(compose_energy) -> None:
     cfg = compose_energy(["energy.gpus=[0,1]", "energy.pue=1.1", "energy.target={metric:val_acc,value:0.8}",
                           "energy.batch_size_fn=len", "energy.country=FRA"])
     (monitor,) = instantiate_energy(cfg)
-    assert monitor.gpus == [0, 1] and monitor.pue == 1.1 and monitor.batch_size_fn is len
-    assert monitor.target == {"metric": "val_acc", "value": 0.8, "mode": "max"}
+    o = monitor.options
+    assert o.gpus == [0, 1] and o.carbon.pue == 1.1 and o.batch_size_fn is len and o.carbon.country == "FRA"
+    assert (o.target.metric, o.target.value, o.target.mode) == ("val_acc", 0.8, "max")
 
 
 # ------------------------------------------------------------------------------ unknown country

@@ -152,16 +152,16 @@ def test_energy_kwargs_converts_values() -> None:
                 "gpus": 1,
                 "cpu": "estimate",
                 "target": {"metric": "val_acc", "value": 0.85},
-                "batch_size_fn": "wattlog.integrations.lightning.default_batch_size",
+                "batch_size_fn": "wattlog.batch.count_samples",
             }
         }
     )
     assert kwargs is not None
     assert kwargs["gpus"] == [1] and kwargs["cpu"] == "estimate" and isinstance(kwargs["cpu"], str)
     assert kwargs["target"] == {"metric": "val_acc", "value": 0.85, "mode": "max"}
-    from wattlog.integrations.lightning import default_batch_size
+    from wattlog.batch import count_samples
 
-    assert kwargs["batch_size_fn"] is default_batch_size
+    assert kwargs["batch_size_fn"] is count_samples
     assert kwargs["_target_"] == "wattlog.EnergyMonitor" and "enabled" not in kwargs
     # the energy node itself works as well as the whole app config
     assert wh.energy_kwargs({"cpu": "none", "enabled": True})["cpu"] == "none"
@@ -178,10 +178,11 @@ def test_instantiate_energy_builds_the_monitor(composer) -> None:
     callbacks = wh.instantiate_energy(cfg)
     assert len(callbacks) == 1 and isinstance(callbacks[0], EnergyMonitor)
     monitor = callbacks[0]
-    assert (monitor.cpu, monitor.ram, monitor.gpus, monitor.pue) == ("estimate", "estimate", "none", 1.3)
+    o = monitor.options
+    assert (o.cpu, o.ram, o.gpus, o.carbon.pue) == ("estimate", "estimate", "none", 1.3)
     assert type(wh.instantiate_energy(cfg.energy)[0]) is type(monitor)
     nvml = wh.instantiate_energy(composer("app", overrides=["energy=nvml"]))[0]
-    assert nvml.require_gpu_counter is True and nvml.cpu == "none"
+    assert nvml.options.require_gpu_counter is True and nvml.options.cpu == "none"
 
 
 def test_plugin_import_stays_light() -> None:
@@ -395,3 +396,15 @@ def test_make_mlflow_logger_merges_user_tags(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'tags.db'}"
     logger = make_mlflow_logger(experiment_name="tags", tracking_uri=uri, tags={"team": "nlp"})
     assert MlflowClient(uri).get_run(logger.run_id).data.tags["team"] == "nlp"
+
+
+@pytest.mark.parametrize("preset", ["default", "estimate", "nvml", "off"])
+def test_every_packaged_preset_instantiates_with_plain_hydra(composer, preset):
+    """``hydra.utils.instantiate(cfg.energy)`` works for every preset (no wattlog helper needed)."""
+    pytest.importorskip("lightning")
+    from hydra.utils import instantiate
+
+    cfg = composer("app", overrides=[f"energy={preset}"])
+    monitor = instantiate(cfg.energy)
+    assert type(monitor).__name__ == "EnergyMonitor"
+    assert monitor.options.enabled is (preset != "off")

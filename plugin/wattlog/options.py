@@ -69,7 +69,7 @@ class MonitorOptions:
         target: see :class:`TargetOptions`.
         idle_baseline_s: measure idle power this long before fit (``energy/dynamic_j``).
         progress_bar: show live power and energy in the progress bar.
-        batch_size_fn: ``batch -> samples`` (a callable or its dotted path); default
+        batch_size_fn: ``batch -> samples``; default
             :func:`wattlog.batch.count_samples`.
         require_gpu_counter: fail unless every GPU has NVML's energy counter.
         require_mlflow: fail (instead of warning) when there is no MLflow run to log into.
@@ -202,8 +202,6 @@ def _gpus(value: Any) -> Any:
         if value in ("auto", "none"):
             return value
         raise ConfigError("gpus", value, _GPUS_ALLOWED)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return [value]
     if not isinstance(value, (bytes, bytearray)) and hasattr(value, "__iter__"):  # list, tuple, ListConfig
         items = list(value)
         if items and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items) and len(
@@ -238,7 +236,7 @@ def _target(target: Any) -> TargetOptions:
     metric, value = target.get("metric"), target.get("value")
     if metric is None and value is None:
         return TargetOptions(mode=mode)
-    if metric is None or value is None:
+    if "metric" not in target or "value" not in target:
         raise ConfigError("target", target, "None or {'metric': name, 'value': number, 'mode': 'max'|'min'}")
     if not (isinstance(metric, str) and metric.strip()):
         raise ConfigError("target.metric", metric, "the name of a logged metric, e.g. 'val_acc'")
@@ -250,9 +248,7 @@ def _target(target: Any) -> TargetOptions:
 def _callable(fn: Any) -> Any:
     if fn is None or callable(fn):
         return fn
-    if isinstance(fn, str) and fn.strip():
-        return import_callable(fn, "batch_size_fn")
-    raise ConfigError("batch_size_fn", fn, "None, a callable(batch) -> int, or its dotted path")
+    raise ConfigError("batch_size_fn", fn, "None or a callable(batch) -> int (Hydra configs give its dotted path)")
 
 
 def import_callable(path: str, field_name: str) -> Any:

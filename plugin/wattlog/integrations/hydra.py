@@ -80,9 +80,16 @@ class TargetMode(Enum):
     min = "min"
 
 
+class Scope(Enum):
+    """What the CPU/RAM estimates bill to the run."""
+
+    process = "process"
+    system = "system"
+
+
 @dataclass
 class TargetConfig:
-    """``energy.target``: report ``energy/kwh_to_target`` when ``metric`` first reaches ``value``.
+    """``energy.target``: report ``energy/j_to_target`` when ``metric`` first reaches ``value``.
 
     ``metric: null`` (the default) means no target.
     """
@@ -92,36 +99,48 @@ class TargetConfig:
     mode: TargetMode = TargetMode.max
 
 
-@dataclass
-class EnergyConfig:
-    """Schema of the ``energy`` node; mirrors every ``wattlog.EnergyMonitor`` argument.
+_SCHEMA_TYPES: dict[str, Any] = {
+    "cpu": (HostSource, HostSource.auto), "ram": (HostSource, HostSource.auto), "cpu_scope": (Scope, Scope.process),
+    "gpus": (Any, "auto"), "batch_size_fn": (Optional[str], None),
+}
+_FLAT_CARBON = {"country": "country", "region": "region", "carbon_intensity": "intensity_g_per_kwh", "pue": "pue"}
 
-    ``enabled: false`` (the ``off`` option) makes :func:`instantiate_energy` return ``[]``.
-    ``gpus`` is ``auto``, ``none`` or a list of CUDA ordinals (checked by ``instantiate_energy``:
-    OmegaConf cannot type a union). ``batch_size_fn`` is the dotted path of a function
-    ``batch -> int``.
+
+def _derive_schema() -> type:
+    """``EnergyConfig``: one field per :class:`wattlog.options.MonitorOptions` field (plus ``_target_``).
+
+    The carbon group is flattened into ``EnergyMonitor``'s flat argument names (``energy.country``,
+    ``energy.region``, ``energy.carbon_intensity``, ``energy.pue``); choices become enums, so a bad
+    value fails at composition with the allowed values.
     """
+    import dataclasses
 
-    _target_: str = "wattlog.EnergyMonitor"
-    enabled: bool = True
-    gpus: Any = "auto"
-    cpu: HostSource = HostSource.auto
-    ram: HostSource = HostSource.auto
-    country: Optional[str] = None
-    region: Optional[str] = None
-    carbon_intensity: Optional[float] = None
-    pue: float = 1.0
-    log_every_n_steps: Optional[int] = None
-    sample_interval_s: float = 0.02
-    sync_cuda: bool = False
-    per_device: bool = False
-    target: TargetConfig = field(default_factory=TargetConfig)
-    idle_baseline_s: float = 0.0
-    progress_bar: bool = True
-    batch_size_fn: Optional[str] = None
-    require_gpu_counter: bool = False
-    spool_dir: Optional[str] = None
-    artifacts: bool = True
+    from wattlog.options import CarbonOptions, MonitorOptions
+
+    carbon_defaults = CarbonOptions()
+    spec: list[tuple[str, Any, Any]] = [("_target_", str, field(default="wattlog.EnergyMonitor"))]
+    for f in dataclasses.fields(MonitorOptions):
+        if f.name == "carbon":
+            for flat, grouped in _FLAT_CARBON.items():
+                ctype = next(c.type for c in dataclasses.fields(CarbonOptions) if c.name == grouped)
+                spec.append((flat, ctype, field(default=getattr(carbon_defaults, grouped))))
+        elif f.name == "target":
+            spec.append(("target", TargetConfig, field(default_factory=TargetConfig)))
+        elif f.name in _SCHEMA_TYPES:
+            ftype, default = _SCHEMA_TYPES[f.name]
+            spec.append((f.name, ftype, field(default=default)))
+        else:
+            spec.append((f.name, f.type, field(default=f.default)))
+    schema = dataclasses.make_dataclass("EnergyConfig", spec)
+    schema.__doc__ = (
+        "Schema of the ``energy`` node, derived from :class:`wattlog.options.MonitorOptions` (every "
+        "``EnergyMonitor`` argument). ``enabled: false`` (the ``off`` option) is a no-op monitor, and "
+        "makes :func:`instantiate_energy` return ``[]``.")
+    schema.__module__ = __name__
+    return schema
+
+
+EnergyConfig = _derive_schema()
 
 
 def register_configs() -> None:
@@ -168,7 +187,7 @@ def _validated(node: Any) -> DictConfig:
 def _allowed_for(key: str, exc: Exception) -> str:
     """Allowed values of a schema field, for error messages."""
     leaf = key.rsplit(".", 1)[-1]
-    enum_type = {"cpu": HostSource, "ram": HostSource, "mode": TargetMode}.get(leaf)
+    enum_type = {"cpu": HostSource, "ram": HostSource, "cpu_scope": Scope, "mode": TargetMode}.get(leaf)
     if enum_type is not None:
         return ", ".join(repr(m.name) for m in enum_type)
     if leaf == "gpus":
@@ -234,37 +253,10 @@ def energy_kwargs(cfg: Any) -> dict[str, Any] | None:
 
 
 def _import_callable(path: str, field: str) -> Any:
-    """The callable at dotted ``path`` (``pkg.module.fn``); ConfigError naming ``field`` otherwise.
+    """The callable at dotted ``path``; ConfigError naming ``field`` otherwise (no stderr noise, unlike Hydra)."""
+    from wattlog.options import import_callable
 
-    Not ``hydra.utils.get_method``: that logs an error line to stderr before raising.
-    """
-    import importlib
-
-    allowed = "the dotted path of a callable batch -> int, e.g. 'mypkg.data.batch_size'"
-    parts = str(path).split(".")
-    if len(parts) == 1:  # a builtin, as hydra.utils.get_method allows
-        import builtins
-
-        obj = getattr(builtins, parts[0], None) if parts[0] else None
-        if callable(obj):
-            return obj
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        except Exception as exc:  # noqa: BLE001 - the user's module failed to import: say which
-            why = f"{allowed} (importing it raised {type(exc).__name__}: {exc})"
-            raise ConfigError(field, path, why) from exc
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            break
-        if callable(obj):
-            return obj
-        break
-    raise ConfigError(field, path, allowed)
+    return import_callable(path, field)
 
 
 def instantiate_energy(cfg: Any) -> list[Any]:

@@ -88,8 +88,9 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not self.options.enabled:
             return
-        self._session = self._session_for(trainer)
-        self._session.open(run.build_sink(trainer, self._target, self.options, self._session.report_degraded))
+        self._session = session = self._session_for(trainer)
+        session.open(run.build_sink(trainer, self._target, self.options, session.report_degraded)
+                     if session.rank == 0 else None)
         if self.options.idle_baseline_s > 0 and stage == "fit" and self._session.idle_power_w is None:
             self._session.measure_idle(self.options.idle_baseline_s)
         self._start_cuda_marks(trainer)
@@ -184,20 +185,20 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
     # -- helpers -----------------------------------------------------------------------------
 
     def _session_for(self, trainer: Any) -> EnergySession:
-        target = run.find_run(trainer, self.options)
+        rank, world = int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+        target = run.find_run(trainer, self.options) if rank == 0 else run.RunTarget(None, None, None)
         key = target.run_id or "local"
         if self._session is not None and self._owner is not None and self._owner[0]() is trainer and (
                 self._owner[1] == key):
             return self._session
         if self._session is not None:  # reused for another trainer or run: a fresh session
             self._session.close()
-        if target.run_id is None and not self._warned_no_run:
+        if target.run_id is None and rank == 0 and not self._warned_no_run:
             self._warned_no_run = True
             warnings.warn(f"wattlog: no MLflow run: energy is measured and written to {target.local_dir} and the "
                           f"trainer's other loggers. To log into MLflow, {run.NO_RUN_HINT}", WattlogWarning, stacklevel=2)
         from wattlog.integrations.distributed import TorchCollectives
 
-        rank, world = int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
         collectives = TorchCollectives(rank, world, self.options.collective_timeout_s, degrade) if world > 1 else None
         self._target, self._owner = target, (weakref.ref(trainer), key)
         log_every = self.options.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)

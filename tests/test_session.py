@@ -1,0 +1,176 @@
+"""EnergySession without any framework: simulated GPUs, an in-memory sink (like Lightning tests Throughput)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fakes.nvml import FakeGpu, FakeNvml
+
+from wattlog import keys
+from wattlog.ledger import StepLabel
+from wattlog.options import MonitorOptions
+from wattlog.session import EnergySession
+from wattlog.sinks.base import MemorySink
+
+POWER_W = 400.0
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    fake = FakeNvml([FakeGpu(power_w=POWER_W)])
+    fake.install(monkeypatch)
+    return fake
+
+
+def _session(log_every: int = 1, **options) -> tuple[EnergySession, MemorySink]:
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none", **options)
+    session = EnergySession(opts, gpus=[0], log_every_n_steps=log_every)
+    sink = MemorySink()
+    session.open(sink)
+    return session, sink
+
+
+def _steps(sink: MemorySink, key: str) -> list[int]:
+    return [s for s, _v in sink.history(key)]
+
+
+def test_accumulated_micro_batches_are_one_step_with_their_energy(fake_gpu):
+    session, sink = _session()
+    starts = []
+    for step in range(5):
+        starts.append(time.perf_counter())
+        for _micro in range(4):  # gradient accumulation: 4 micro-batches of 40 ms per optimizer step
+            session.mark(StepLabel("train", None, 8))
+            time.sleep(0.04)
+            session.drain()  # a drain inside a step must not see a partial record
+        session.step_completed(step)
+        session.drain()
+    starts.append(time.perf_counter())
+    session.mark(StepLabel("other"))
+    session.end_stage(step=5)
+    session.close()
+
+    assert _steps(sink, keys.STEP_J) == [0, 1, 2, 3, 4]  # one point per optimizer step, numbered once
+    for (step, step_j), t0, t1 in zip(sink.history(keys.STEP_J), starts, starts[1:]):
+        assert step_j == pytest.approx(POWER_W * (t1 - t0), rel=0.10), step
+    last = sink.last()
+    assert last[keys.stage_j_per_sample("train")] == pytest.approx(last[keys.stage_j("train")] / (5 * 4 * 8))
+
+
+def test_drain_from_another_thread_sees_no_partial_step(fake_gpu):
+    """A background drain racing the training thread gets complete, numbered records only."""
+    session, sink = _session()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def drainer():
+        while not stop.is_set():
+            with lock:
+                session.drain()
+            time.sleep(0.003)
+
+    t = threading.Thread(target=drainer)
+    t.start()
+    starts = []
+    try:
+        for step in range(8):
+            starts.append(time.perf_counter())
+            for _ in range(3):
+                session.mark(StepLabel("train", None, 1), starts[-1] if _ == 0 else None)
+                time.sleep(0.02)
+            session.step_completed(step)
+    finally:
+        stop.set()
+        t.join()
+    starts.append(time.perf_counter())
+    session.mark(StepLabel("other"), starts[-1])
+    session.end_stage(step=8)
+    session.close()
+    hist = sink.history(keys.STEP_J)
+    assert [s for s, _ in hist] == list(range(8))
+    for (step, step_j), t0, t1 in zip(hist, starts, starts[1:]):
+        assert step_j == pytest.approx(POWER_W * (t1 - t0), rel=0.10), step
+
+
+def test_stage_summaries_once_per_stage_and_cumulative_keys_never_decrease(fake_gpu):
+    session, sink = _session(log_every=2)
+    for step in range(6):
+        session.mark(StepLabel("train", None, 4))
+        time.sleep(0.01)
+        session.step_completed(step)
+    session.mark(StepLabel("val", 6, 4))
+    time.sleep(0.02)
+    session.end_stage(step=6)  # fit ends: summary at the global step
+    session.suspend()
+    session.open(MemorySink())  # a later stage of the same run gets its own sink ...
+    sink2 = session.sink
+    for batch in range(3):
+        session.mark(StepLabel("test", batch, 2))
+        time.sleep(0.01)
+    session.end_stage(step=6)  # ... and the same summary step: keys move to their next free step
+    session.close()
+
+    assert _steps(sink, keys.STEP_J) == [1, 3, 5]  # (step + 1) % 2 == 0
+    assert keys.GPU_POWER_W in sink.last()
+    assert keys.kind_j("cpu") not in sink.last() and keys.kind_j("ram") not in sink.last()  # not measured
+    assert keys.stage_j("test") not in sink.last()  # no test yet
+    fit_total = sink.last()[keys.TOTAL_J]
+    points = sink.points + sink2.points
+    by_key: dict[str, list[tuple[int, float]]] = {}
+    for p in points:
+        by_key.setdefault(p.key, []).append((p.step, p.value))
+    for key, hist in by_key.items():
+        steps = [s for s, _ in hist]
+        assert len(steps) == len(set(steps)), key  # one point per (key, step)
+        assert steps == sorted(steps), key
+    for key in (keys.TOTAL_J, keys.EMISSIONS_G):
+        values = [v for _, v in by_key[key]]
+        assert values == sorted(values), key
+    test_points = {p.key: p for p in sink2.points}
+    assert test_points[keys.stage_j("test")].step == 6
+    assert test_points[keys.TOTAL_J].step == 7 and test_points[keys.TOTAL_J].value > fit_total
+    assert keys.stage_j("train") not in test_points  # unchanged by the test stage: not logged again
+    assert test_points[keys.stage_j_per_sample("test")].value == pytest.approx(
+        test_points[keys.stage_j("test")].value / 6)
+
+
+def test_state_dict_resume_and_checkpoint_provenance(fake_gpu):
+    session, sink = _session()
+    for step in range(3):
+        session.mark(StepLabel("train", None, 1))
+        time.sleep(0.02)
+        session.step_completed(step)
+    state = session.state_dict()
+    assert state["total_j"] > 0
+    session.end_stage(step=3)
+    session.close()
+
+    resumed, sink2 = _session()
+    sink2.points.extend(sink.points)  # the same run: what the first attempt logged
+    resumed.resume(state, start_step=3)
+    resumed.mark(StepLabel("train", None, 1))
+    time.sleep(0.02)
+    resumed.step_completed(3)
+    resumed.mark(StepLabel("other"))
+    resumed.end_stage(step=4)
+    resumed.close()
+    totals = [v for _, v in sink2.history(keys.TOTAL_J)]
+    assert totals == sorted(totals)
+    assert sink2.tags[keys.T_ATTEMPTS] == 1 or sink2.tags[keys.T_ATTEMPTS] == 2
+
+    fresh, sink3 = _session()
+    fresh.record_checkpoint(state, "abc123")
+    fresh.close()
+    assert sink3.params[keys.P_CHECKPOINT_RUN_ID] == "abc123"
+    assert float(sink3.params[keys.P_CHECKPOINT_TRAIN_J]) > 0
+
+
+def test_close_leaves_no_thread(fake_gpu):
+    before = {t.name for t in threading.enumerate()}
+    session, _sink = _session()
+    assert any(t.name == "wattlog-sampler" for t in threading.enumerate())
+    session.close()
+    session.close()  # idempotent
+    assert {t.name for t in threading.enumerate()} == before
