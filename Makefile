@@ -60,7 +60,7 @@ $(STAMP): pyproject.toml | $(PY)
 # ---- declared minimum versions: pyproject's lower bounds, pinned in tests/compat/constraints-min.txt
 COMPAT_VENV ?= .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
-COMPAT_STAMP := $(COMPAT_VENV)/.wattlog-installed
+COMPAT_STAMP := $(COMPAT_VENV)/.wattlog-compat-installed
 COMPAT_CONSTRAINTS := tests/compat/constraints-min.txt
 # A fast subset (about 2 minutes on 2 cores): every file whose code the version floors can break.
 COMPAT_TESTS := tests/compat tests/test_imports.py tests/test_carbon.py tests/test_sources_estimate.py \
