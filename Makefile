@@ -1,5 +1,7 @@
 # wattlog: two commands. `make demo` runs the main job, `make test` runs the test suite.
 # Both create .venv and install what they need on a fresh machine.
+# `make test-compat` tests the declared minimum versions (its own .venv-compat); `make
+# test-nolightning FF_PYTHON=python3.X` the framework-free parts on another Python without torch/Lightning.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.wattlog-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install torch clean
+.PHONY: demo test test-compat test-nolightning test-nolightning-all install torch clean
 
 demo: $(STAMP)
 	@echo "== 1/5 what this machine can measure"
@@ -55,5 +57,58 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# ---- declared minimum versions: pyproject's lower bounds, pinned in tests/compat/constraints-min.txt
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.wattlog-compat-installed
+COMPAT_CONSTRAINTS := tests/compat/constraints-min.txt
+# A fast subset (about 2 minutes on 2 cores): every file whose code the version floors can break.
+COMPAT_TESTS := tests/compat tests/test_imports.py tests/test_carbon.py tests/test_sources_estimate.py \
+  tests/test_select_sources.py tests/test_hydra.py tests/test_compare.py tests/test_report.py \
+  tests/test_sync.py tests/test_sink_mlflow.py tests/test_lightning_callback.py tests/test_bad_input.py
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) tests/compat/check_bounds.py --installed
+	$(COMPAT_VENV)/bin/wattlog devices
+	WATTLOG_STRICT=1 $(COMPAT_PY) -m pytest -p no:cacheprovider $(COMPAT_TESTS)
+
+# torch first, exactly as for .venv; then wattlog with every declared lower bound pinned.
+$(COMPAT_STAMP): pyproject.toml $(COMPAT_CONSTRAINTS)
+	$(MAKE) torch VENV=$(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q -c $(COMPAT_CONSTRAINTS) -e ".[lightning,mlflow,hydra,sweep]" \
+	  pytorch-lightning pytest pytest-timeout
+	touch $@
+
+# ---- framework-free parts on another Python, without torch or Lightning (newest dependencies)
+FF_PYTHON ?= python3
+FF_VENV := .venv-ff-$(notdir $(FF_PYTHON))
+FF_TESTS := tests/compat tests/test_imports.py tests/test_meter.py tests/test_sources_nvml.py \
+  tests/test_sources_rapl.py tests/test_sources_estimate.py tests/test_select_sources.py tests/test_carbon.py \
+  tests/test_compare.py tests/test_report.py tests/test_sync.py tests/test_sink_mlflow.py tests/test_hydra.py \
+  tests/test_bad_input.py
+
+test-nolightning: $(FF_VENV)/.wattlog-installed
+	@if $(FF_VENV)/bin/python -c "import torch" 2>/dev/null; then echo "torch is installed in $(FF_VENV)"; exit 1; fi
+	WATTLOG_STRICT=1 $(FF_VENV)/bin/python -m pytest -p no:cacheprovider $(FF_TESTS)
+
+$(FF_VENV)/.wattlog-installed: pyproject.toml
+	$(FF_PYTHON) -m venv $(FF_VENV)
+	$(FF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FF_VENV)/bin/python -m pip install -q -e ".[mlflow,hydra,sweep]" pytest pytest-timeout
+	touch $@
+
+# test-nolightning on every Python in FF_VERSIONS this machine has (on PATH, else under pyenv's versions/).
+FF_VERSIONS ?= 3.10 3.11 3.12 3.13
+test-nolightning-all:
+	@failed=""; for v in $(FF_VERSIONS); do \
+	  py=$$(command -v python$$v 2>/dev/null); \
+	  if [ -z "$$py" ] || ! $$py -c "" 2>/dev/null; then \
+	    py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v 2>/dev/null | tail -n1); fi; \
+	  if [ -n "$$py" ] && $$py -c "" 2>/dev/null; then \
+	    echo "== Python $$v: $$py"; $(MAKE) test-nolightning FF_PYTHON=$$py || failed="$$failed $$v"; \
+	  else echo "== Python $$v: not available here, skipped"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-nolightning failed on Python$$failed"; exit 1; fi
+
 clean:
-	rm -rf $(VENV) .pytest_cache .wattlog
+	rm -rf $(VENV) $(COMPAT_VENV) .venv-ff-* .pytest_cache .wattlog

@@ -388,6 +388,7 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path: Path, monkeypatch: pytes
 
 
 def test_make_mlflow_logger_merges_user_tags(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
     from mlflow import MlflowClient
 
     from wattlog.integrations.hydra import make_mlflow_logger
