@@ -161,8 +161,7 @@ def redact_override(override: str) -> str:
     key, sep, value = override.partition("=")
     if not sep:
         return redact_text(override)
-    bare = key.lstrip("+~").split("@", 1)[0]
-    if is_secret_name(bare):
+    if any(is_secret_name(part) for part in key.lstrip("+~").split("@")):
         return f"{key}={MASK}"
     return f"{key}={redact_text(value)}"
 

@@ -349,14 +349,35 @@ def iter_records_from(path: Path, offset: int) -> Iterator[tuple[int, Record, in
     Raises:
         UnsafePathError: ``path`` is a symlink or not a regular file.
     """
+    for seq, rec, start, end in iter_lines_from(path, offset):
+        if rec is not None:
+            yield seq, rec, start, end
+
+
+def iter_lines_from(path: Path, offset: int, stats: Any = None) -> Iterator[tuple[int, Record | None, int, int]]:
+    """Yield ``(seq, record or None, start, end)`` for every complete line of ``path`` from ``offset``.
+
+    A line that is not a record wattlog understands yields ``(-1, None, start, end)``; with ``stats``
+    (any object with int attribute ``unreadable`` and bool ``truncated``) those lines are counted, and
+    ``stats.truncated`` is set when the file ends in an unterminated line, which ends the iteration.
+
+    Raises:
+        UnsafePathError: ``path`` is a symlink or not a regular file.
+    """
     with open_read(path) as f:
         f.seek(offset)
         for line in f:
             start, offset = offset, offset + len(line)
             if not line.endswith(b"\n"):
+                if stats is not None:
+                    stats.truncated = True
                 return
             parsed = parse_record(line)
-            if parsed is not None:
+            if parsed is None:
+                if stats is not None and line.strip():
+                    stats.unreadable += 1
+                yield -1, None, start, offset
+            else:
                 yield parsed[0], parsed[1], start, offset
 
 
