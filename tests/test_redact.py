@@ -93,6 +93,8 @@ def test_redact_text_hides_values_of_secret_environment_variables(monkeypatch) -
         ("db@backup=mysql", "db@backup=mysql"),
         (f"logger.tracking_uri=https://h/?token={PW}", "logger.tracking_uri=https://h/?token=***"),
         ("prune.amount=0.3,0.6", "prune.amount=0.3,0.6"),
+        (f"logger.tracking_uri=http\\://u\\:{PW}@127.0.0.1\\:5000", "logger.tracking_uri=http://127.0.0.1:5000"),
+        ("name=a\\,b", "name=a\\,b"),  # Hydra's escapes stay when there is nothing to hide
         ("model.tokenizer=bert-base", "model.tokenizer=bert-base"),
         ("model.key_dim=64", "model.key_dim=64"),
         ("~energy", "~energy"),

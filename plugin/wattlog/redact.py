@@ -55,6 +55,7 @@ _LOOSE_USERINFO_RE = re.compile(rf"(?P<scheme>{_SCHEME})[^\s@/?#]*:[^\s@]*@")
 _PAIR_RE = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>=|%3[Dd])(?P<value>[^\s&;,'\"()<>\[\]{}]+)")
 _BEARER_RE = re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=\-]{8,}")
 _MIN_ENV_SECRET = 4
+_HYDRA_ESCAPE_RE = re.compile(r"\\(.)")
 
 
 def is_secret_name(name: str) -> bool:
@@ -163,7 +164,9 @@ def redact_override(override: str) -> str:
         return redact_text(override)
     if any(is_secret_name(part) for part in key.lstrip("+~").split("@")):
         return f"{key}={MASK}"
-    return f"{key}={redact_text(value)}"
+    plain = _HYDRA_ESCAPE_RE.sub(r"\1", value)  # Hydra stores ``http\://u\:pw@h`` in hydra.overrides.task
+    redacted = redact_text(plain)
+    return f"{key}={value if redacted == plain else redacted}"
 
 
 def redact_overrides(overrides: Iterable[str]) -> list[str]:
