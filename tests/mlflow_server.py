@@ -1,21 +1,34 @@
-"""Test helpers: a real `mlflow server` subprocess on 127.0.0.1, and a slow loopback HTTP proxy.
+"""Test helpers: a real `mlflow server` subprocess on 127.0.0.1, a throwaway PostgreSQL, a slow proxy.
 
-The server runs with a sqlite backend, one worker and job execution off, in its own process group
-(so SIGKILL takes its uvicorn workers too); always stop it in a ``finally``.
+The server runs with a sqlite (or PostgreSQL) backend, one worker and job execution off, in its own
+process group (so SIGKILL takes its uvicorn workers too); always stop it in a ``finally``.
+
+PostgreSQL (:class:`PostgresCluster`, fixture :func:`postgres`): a private cluster in a temporary
+directory on 127.0.0.1 with trust authentication, run as the ``postgres`` user when the tests run as
+root (PostgreSQL refuses root). Its binaries come from ``PATH`` or ``/usr/lib/postgresql/*/bin``; as
+root, a missing PostgreSQL is installed with ``apt-get install -y postgresql`` (set
+``WATTLOG_TEST_NO_APT=1`` to forbid that). MLflow reaches it as ``postgresql+psycopg2://`` (needs
+``psycopg2-binary``). When any of this is impossible the tests that need it are skipped, with the
+reason.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 
 def free_port() -> int:
@@ -37,15 +50,19 @@ class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1 over a sqlite database; start/kill it as often as needed.
 
     Args:
-        db: the sqlite backend store (created if missing).
+        db: the sqlite backend store (created if missing); with ``backend_uri``, only its folder is used
+            (for the artifacts and the log).
         port: the port to listen on (default: a free one); kept across restarts.
         artifacts: the default artifact root (default ``<db dir>/artifacts``).
         log: server output (default ``<db dir>/server.log``, appended).
+        backend_uri: another backend store, e.g. ``postgresql+psycopg2://...`` from
+            :meth:`PostgresCluster.new_database`.
     """
 
     def __init__(self, db: Path, port: int | None = None, artifacts: Path | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, backend_uri: str | None = None) -> None:
         self.db = Path(db)
+        self.backend_uri = backend_uri or f"sqlite:///{self.db}"
         self.port = port or free_port()
         self.artifacts = artifacts or self.db.parent / "artifacts"
         self.log = log or self.db.parent / "server.log"
@@ -63,7 +80,7 @@ class MlflowServer:
             RuntimeError: the server exited or did not become healthy in time.
         """
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
                "--default-artifact-root", self.artifacts.as_uri(),
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         with self.log.open("ab") as out:
@@ -97,6 +114,173 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+
+
+class PostgresUnavailable(RuntimeError):
+    """PostgreSQL cannot be started here; the message says why (the tests skip with it)."""
+
+
+def _pg_bindir() -> str | None:
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return os.path.dirname(os.path.realpath(found))
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]) if
+                  d.split("/")[-2].isdigit() else 0)
+    for d in reversed(dirs):
+        if os.path.exists(os.path.join(d, "pg_ctl")) and os.path.exists(os.path.join(d, "initdb")):
+            return d
+    return None
+
+
+def _apt_install_postgresql(timeout_s: float = 900) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+        if out.returncode != 0:
+            raise PostgresUnavailable(f"`{' '.join(cmd)}` failed: {(out.stderr or out.stdout)[-500:]}")
+
+
+def find_postgres(install: bool = True) -> str:
+    """The directory of PostgreSQL's server binaries; installs the Debian package as root if allowed.
+
+    Raises:
+        PostgresUnavailable: not installed and not installable here.
+    """
+    bindir = _pg_bindir()
+    if bindir:
+        return bindir
+    if not install or os.environ.get("WATTLOG_TEST_NO_APT") == "1":
+        raise PostgresUnavailable("PostgreSQL is not installed (pg_ctl/initdb not found)")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise PostgresUnavailable("PostgreSQL is not installed, and apt-get as root is not available to install it")
+    _apt_install_postgresql()
+    bindir = _pg_bindir()
+    if not bindir:
+        raise PostgresUnavailable("apt-get installed postgresql, but pg_ctl/initdb are still not found")
+    return bindir
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust auth), in a fresh temporary directory.
+
+    As root, the cluster belongs to the ``postgres`` system user (PostgreSQL refuses to run as root)
+    and its commands run through ``runuser``. :meth:`new_database` gives each test a fresh database
+    copied from a template that MLflow has migrated once (copying is much faster than migrating).
+    """
+
+    def __init__(self, bindir: str, port: int | None = None) -> None:
+        self.bindir = bindir
+        self.port = port or free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="wattlog-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
+        self._user: str | None = None
+        self._n = 0
+        self._template: str | None = None
+
+    def _cmd(self, *argv: str) -> list[str]:
+        exe = [os.path.join(self.bindir, argv[0]), *argv[1:]]
+        return ["runuser", "-u", self._user, "--", *exe] if self._user else exe
+
+    def _run(self, *argv: str, timeout_s: float = 120) -> str:
+        out = subprocess.run(self._cmd(*argv), capture_output=True, text=True, timeout=timeout_s, cwd=self.root)
+        if out.returncode != 0:
+            raise PostgresUnavailable(f"{argv[0]} failed: {(out.stderr or out.stdout).strip()[-800:]}")
+        return out.stdout
+
+    def start(self) -> PostgresCluster:
+        """initdb + start; raises :class:`PostgresUnavailable` with the reason when it cannot."""
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise PostgresUnavailable("running as root and there is no 'postgres' user to run PostgreSQL") \
+                    from None
+            if not shutil.which("runuser"):
+                raise PostgresUnavailable("running as root and `runuser` is missing")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            self._user = "postgres"
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--no-sync", "--locale=C")
+        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start")
+        return self
+
+    def uri(self, database: str) -> str:
+        """``postgresql+psycopg2://postgres@127.0.0.1:<port>/<database>``."""
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _psql(self, sql: str) -> None:
+        self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres",
+                  "-v", "ON_ERROR_STOP=1", "-q", "-c", sql)
+
+    def new_database(self) -> str:
+        """A fresh, migrated MLflow database; returns its SQLAlchemy URI."""
+        if self._template is None:
+            self._psql("CREATE DATABASE mlflow_template")
+            code = ("import sys; from mlflow.tracking import MlflowClient; "
+                    "MlflowClient(sys.argv[1]).search_experiments()")
+            out = subprocess.run([sys.executable, "-c", code, self.uri("mlflow_template")], capture_output=True,
+                                 text=True, timeout=300)
+            if out.returncode != 0:
+                raise PostgresUnavailable(f"MLflow cannot use PostgreSQL: {out.stderr.strip()[-800:]}")
+            self._template = "mlflow_template"
+        self._n += 1
+        name = f"mlflow_{self._n}"
+        self._psql(f"CREATE DATABASE {name} TEMPLATE {self._template}")
+        return self.uri(name)
+
+    def stop(self) -> None:
+        """Stop the cluster (immediate) and delete its directory."""
+        try:
+            if self.data.exists():
+                subprocess.run(self._cmd("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"),
+                               capture_output=True, timeout=60, cwd=self.root)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A running :class:`PostgresCluster` for the session, or a skip naming why there is none."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("PostgreSQL tests need psycopg2-binary (pip install psycopg2-binary)")
+    try:
+        cluster = PostgresCluster(find_postgres())
+    except (PostgresUnavailable, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        cluster.start()
+        cluster.new_database()  # migrate the template now: a failure skips instead of failing a test
+    except (PostgresUnavailable, OSError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def backend_server(backend: str, request: pytest.FixtureRequest, tmp_path: Path, template_db: Path) -> MlflowServer:
+    """An (unstarted) :class:`MlflowServer` on ``backend`` (``sqlite``: a copy of ``template_db``;
+    ``postgres``: a fresh database of the session's :func:`postgres` cluster, or a skip)."""
+    if backend == "postgres":
+        cluster = request.getfixturevalue("postgres")
+        return MlflowServer(tmp_path / "server.db", backend_uri=cluster.new_database())
+    db = tmp_path / "server.db"
+    db.write_bytes(template_db.read_bytes())
+    return MlflowServer(db)
 
 
 class SlowProxy:

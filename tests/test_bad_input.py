@@ -430,3 +430,115 @@ def test_python_api_raises_wattlog_errors(store, tmp_path) -> None:
         "nan_energy: energy/total_kwh", "nan_energy: energy/emissions_g", "inf_energy: energy/total_kwh",
         "inf_metric: val_acc",
     }
+
+
+# ------------------------------------------------------------------------------ every CLI input (issue 12, item 5)
+
+CANARY_PW = "CANARYpw7361"
+
+# (argv, words the one error line must contain); "{dir}", "{file}" and "{uri}" are filled in per test
+CLI_INPUT_CASES = [
+    # bad numbers
+    (["measure", "--seconds", "-1"], ["--seconds=-1", "greater than 0"]),
+    (["measure", "--seconds", "0"], ["--seconds=0"]),
+    (["measure", "--seconds", "nan"], ["--seconds=nan", "finite"]),
+    (["measure", "--seconds", "inf"], ["--seconds=inf", "finite"]),
+    (["measure", "--seconds=-inf"], ["--seconds=-inf"]),
+    (["measure", "--seconds", "1e9"], ["--seconds=", "at most 3600"]),
+    (["measure", "--seconds", "two"], ["--seconds", "invalid float"]),
+    (["compare", "-e", "bad", "--metric", "val_acc", "--target", "nan"], ["--target=nan", "finite"]),
+    (["compare", "-e", "bad", "--metric", "val_acc", "--target", "inf"], ["--target=inf", "finite"]),
+    (["compare", "-e", "bad", "--metric", "val_acc", "--target", "high"], ["--target", "invalid float"]),
+    # bad choices
+    (["devices", "--gpus", "zero"], ["--gpus='zero'"]),
+    (["devices", "--gpus", "0,0"], ["--gpus='0,0'", "twice"]),
+    (["devices", "--gpus", "-1"], ["--gpus"]),
+    (["devices", "--cpu", "fast"], ["--cpu='fast'", "estimate"]),
+    (["devices", "--ram", "RAPL"], ["--ram='RAPL'"]),
+    (["measure", "--cpu", "fast"], ["--cpu='fast'"]),
+    (["measure", "--gpus", "a,b"], ["--gpus='a,b'"]),
+    (["compare", "-e", "bad", "--mode", "up"], ["--mode", "invalid choice"]),
+    (["compare", "-e", " "], ["--experiment", "empty"]),
+    (["sync", "--spool", ""], ["--spool", "empty"]),
+    # bad paths
+    (["compare", "-e", "bad", "--metric", "val_acc", "--plot", "{dir}"], ["--plot=", "is a directory"]),
+    (["compare", "-e", "bad", "--metric", "val_acc", "--plot", "{file}/x.png"], ["--plot=", "is a file"]),
+    (["report", "RUN", "--out", "{file}"], ["--out=", "not a directory"]),
+    (["report", "RUN", "--out", "{file}/sub"], ["--out=", "is a file"]),
+    (["sync", "--spool", "{dir}/missing"], ["no spool at"]),
+    # bad URIs (the error line shows them redacted)
+    *[
+        ([cmd, *rest, "--tracking-uri", uri], words)
+        for cmd, rest in (("compare", ["-e", "bad"]), ("report", ["RUN"]), ("sync", ["--spool", "{dir}"]))
+        for uri, words in (
+            (f"http://user:{CANARY_PW}@:5000", ["no host"]),
+            (f"http://user:{CANARY_PW}@host:99999", ["Port"]),
+            ("https://", ["no host"]),
+            ("sqlite://relative.db", ["sqlite:///"]),
+            ("sqlite:///", ["sqlite:///"]),
+            ("nosuchscheme://host/x", ["unknown scheme"]),
+            ("http://host:5000/ x", ["spaces"]),
+            ("", ["empty"]),
+        )
+    ],
+    # stores that do not exist are errors too, never created
+    (["compare", "-e", "bad", "--tracking-uri", "sqlite:///{dir}/none.db"], ["no MLflow database"]),
+    (["sync", "--spool", "{spool}", "--tracking-uri", "sqlite:///{dir}/none.db"], ["no MLflow database"]),
+]
+
+
+def _fill(argv: list[str], values: dict[str, str]) -> list[str]:
+    return [a.format(**values) for a in argv]
+
+
+@pytest.mark.parametrize(("argv", "needles"), CLI_INPUT_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) and v
+                         and v[0] in ("devices", "measure", "compare", "report", "sync") else None)
+def test_every_cli_input_is_exit_2_and_one_error_line(store, capsys, tmp_path, argv, needles) -> None:
+    from wattlog.sinks import spool as sp
+
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    spool = sp.spool_file(tmp_path / "sp", store["ids"]["good"])
+    spool.parent.mkdir()
+    spool.write_bytes(sp.header_line(store["ids"]["good"], None))
+    values = {"dir": str(tmp_path), "file": str(a_file), "spool": str(spool)}
+    argv = _fill(argv, values)
+    if "RUN" in argv:
+        argv[argv.index("RUN")] = store["ids"]["good"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, out, err = _cli(capsys, *argv)
+    _assert_one_error_line(rc, err, *needles)
+    assert CANARY_PW not in err and out == ""
+    assert "error: " in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing was written
+
+
+def test_cli_table_covers_every_subcommand() -> None:
+    from wattlog.cli import _CHECKS
+
+    covered = {argv[0] for argv, _ in CLI_INPUT_CASES}
+    assert covered == set(_CHECKS) == {"devices", "measure", "compare", "report", "sync"}
+
+
+@pytest.mark.parametrize("seconds", [-1, 0, NAN, INF, True, "2"])
+def test_measure_workload_rejects_bad_seconds(seconds) -> None:
+    from wattlog.measure import measure_workload
+
+    with pytest.raises(ConfigError, match="seconds"):
+        measure_workload(seconds, gpus="none", cpu="none", ram="none")
+
+
+def test_good_cli_inputs_still_pass_the_checks(tmp_path) -> None:
+    import argparse
+
+    from wattlog.cli import validate_args
+
+    ok = argparse.Namespace(command="measure", seconds=0.5, gpus="0,1", cpu="estimate", ram="none")
+    validate_args(ok)
+    assert ok.gpus == [0, 1] and ok.seconds == 0.5
+    for uri in ("http://host:5000", "https://u:p@host/x?token=t", "sqlite:///rel.db", "sqlite:////abs.db",
+                "postgresql+psycopg2://u:p@db:5432/mlflow", "file:///tmp/mlruns", "./mlruns", "databricks", None):
+        validate_args(argparse.Namespace(command="sync", spool=None, spool_arg=None, tracking_uri=uri))
+    validate_args(argparse.Namespace(command="report", out=str(tmp_path / "new" / "dir"), tracking_uri=None))
+    validate_args(argparse.Namespace(command="compare", experiments=["e"], target=0.5,
+                                     plot=str(tmp_path / "new" / "p.png"), tracking_uri=None))

@@ -22,12 +22,15 @@ mlflow = pytest.importorskip("mlflow")
 from lightning_helpers import loader  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow_server import (  # noqa: E402
+    BACKENDS,
     STEP_KEYS,
     MlflowServer,
     SlowProxy,
     assert_steps_exactly_once,
     at_steps,
+    backend_server,
     make_template_db,
+    postgres,  # noqa: F401 - the session fixture the postgres backend uses
     quiet_module,
     step_counts,
 )
@@ -52,11 +55,11 @@ def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
 
 
-@pytest.fixture
-def server(tmp_path: Path, template_db: Path):
-    db = tmp_path / "server.db"
-    db.write_bytes(template_db.read_bytes())
-    srv = MlflowServer(db)
+@pytest.fixture(params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path: Path, template_db: Path):
+    """A real ``mlflow server`` on a sqlite, then a PostgreSQL backend (skipped, with the reason, when
+    PostgreSQL cannot be started here)."""
+    srv = backend_server(request.param, request, tmp_path, template_db)
     try:
         yield srv.start()
     finally:

@@ -291,9 +291,9 @@ def test_sweep_callback_summary_pareto_and_child_linking(
         kw = wh.mlflow_run_kwargs(experiment_name="ignored-in-a-sweep", tracking_uri="sqlite:///ignored.db")
         assert kw["experiment_name"] == "sweep-test" and kw["tracking_uri"] == uri
         assert kw["tags"]["mlflow.parentRunId"] == cb.parent_run_id
-        assert kw["tags"]["wattlog.sweep_id"] == record["sweep_id"]
-        assert json.loads(kw["tags"]["wattlog.overrides"]) == [f"lr={num}"]
-        assert kw["tags"]["wattlog.job_num"] == str(num) and kw["run_name"] == f"#{num} lr={num}"
+        assert kw["tags"]["energy.sweep_id"] == record["sweep_id"]
+        assert json.loads(kw["tags"]["energy.overrides"]) == [f"lr={num}"]
+        assert kw["tags"]["energy.sweep_job"] == str(num) and kw["run_name"] == f"{num}"  # the differing value
         run = client.create_run(exp_id, run_name=name, tags=kw["tags"])
         ids[name] = run.info.run_id
         if acc is not None:
@@ -310,10 +310,11 @@ def test_sweep_callback_summary_pareto_and_child_linking(
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["wattlog.best_by_energy"] == ids["A"]
     assert parent.data.tags["wattlog.best_by_metric"] == ids["D"]
-    assert parent.data.params["lr"] == "0.1,0.01" and parent.data.params["tag"] == "x"
+    assert parent.data.params["override.lr"] == "0.1,0.01" and parent.data.params["override.tag"] == "x"
     assert parent.data.params["sweep.metric"] == "acc" and parent.data.params["sweep.mode"] == "max"
     assert parent.data.metrics["sweep/n_runs"] == 6 and parent.data.metrics["sweep/n_pareto"] == 3
-    assert math.isclose(parent.data.metrics["sweep/total_kwh"], 1.0 + 2.0 + 3.0 + 4.0 + 1.5)
+    # the children logged kWh (wattlog < 0.2): read back in joules
+    assert math.isclose(parent.data.metrics["sweep/total_j"], (1.0 + 2.0 + 3.0 + 4.0 + 1.5) * 3.6e6)
     assert {a.path for a in client.list_artifacts(cb.parent_run_id, "sweep")} == {
         "sweep/summary.csv",
         "sweep/pareto.csv",
@@ -326,11 +327,11 @@ def test_sweep_callback_summary_pareto_and_child_linking(
         "A": "True", "B": "True", "C": "False", "D": "True", "E": "False", "F": "False"
     }
     by_name = {r["run_name"]: r for r in summary}
-    assert float(by_name["C"]["energy/total_kwh"]) == 3.0 and float(by_name["C"]["acc"]) == 0.83
+    assert float(by_name["C"]["energy/total_j"]) == 3.0 * 3.6e6 and float(by_name["C"]["acc"]) == 0.83
     assert by_name["F"]["acc"] == "" and by_name["F"]["status"] == "FAILED"
     assert by_name["B"]["lr"] == "1" and by_name["B"]["job_num"] == "1"
     pareto = list(csv.DictReader((local / "pareto.csv").open()))
-    assert [(r["run_name"], float(r["acc"]), float(r["energy/total_kwh"])) for r in pareto] == [
+    assert [(r["run_name"], float(r["acc"]), float(r["energy/total_j"]) / 3.6e6) for r in pareto] == [
         ("A", 0.80, 1.0),
         ("B", 0.85, 2.0),
         ("D", 0.90, 4.0),

@@ -209,3 +209,135 @@ def test_spool_files_are_private_and_paths_never_come_from_keys(store, tmp_path,
     with pytest.raises(ConfigError, match="key"):
         MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=spool_dir).log_points([Point("../x", 1.0, 1, 1)])
     assert os.path.exists(sink.spool_path)
+
+
+# ------------------------------------------------------------------ issue 12: symlinks, private directories
+
+
+def _spool_with_artifact(spool_dir: Path, run_id: str, uri: str) -> tuple[Path, str]:
+    """A spool of one point and one artifact whose copy sits in ``<run>.artifacts/<unique>/id_rsa``."""
+    spool_dir.mkdir(mode=0o700, exist_ok=True)
+    f = spool_mod.spool_file(spool_dir, run_id)
+    rel = f"{run_id}.artifacts/a1/id_rsa"
+    f.write_bytes(b"".join([
+        spool_mod.header_line(run_id, uri),
+        spool_mod.point_line(1, Point("energy/step_j", 1.0, 1, 5)),
+        spool_mod.record_line(2, spool_mod.ArtifactRecord(rel, "energy", 7)),
+    ]))
+    return f, rel
+
+
+def test_sync_refuses_a_symlinked_artifacts_folder_uploads_and_deletes_nothing(store, tmp_path, monkeypatch):
+    uri, client, run_id = store
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    home = tmp_path / "home"  # what an attacker points the folder at
+    (home / "a1").mkdir(parents=True)
+    (home / "a1" / "id_rsa").write_text("SECRET!")
+    spool_dir = tmp_path / "spool"
+    f, _rel = _spool_with_artifact(spool_dir, run_id, uri)
+    (spool_dir / f"{run_id}.artifacts").symlink_to(home, target_is_directory=True)
+
+    with pytest.warns(WattlogWarning, match=r"rejected artifact energy/id_rsa.*symlink"):
+        result = sync(f, tracking_uri=uri)
+    assert (result.rejected, result.sent_by_kind["artifact"], result.sent_by_kind["point"]) == (1, 0, 1)
+    assert client.list_artifacts(run_id) == [] and client.list_artifacts(run_id, "energy") == []
+    assert (home / "a1" / "id_rsa").read_text() == "SECRET!"  # neither uploaded nor deleted
+    assert os.path.islink(spool_dir / f"{run_id}.artifacts")
+
+
+@pytest.mark.parametrize("link", ["unique-dir", "file"])
+def test_sync_refuses_a_symlink_deeper_in_the_artifact_folder(store, tmp_path, monkeypatch, link):
+    uri, client, run_id = store
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "id_rsa").write_text("SECRET!")
+    spool_dir = tmp_path / "spool"
+    f, _rel = _spool_with_artifact(spool_dir, run_id, uri)
+    art = spool_dir / f"{run_id}.artifacts"
+    art.mkdir(mode=0o700)
+    if link == "unique-dir":
+        (art / "a1").symlink_to(victim, target_is_directory=True)
+    else:
+        (art / "a1").mkdir(mode=0o700)
+        (art / "a1" / "id_rsa").symlink_to(victim / "id_rsa")
+    with pytest.warns(WattlogWarning, match="rejected artifact.*refusing"):
+        result = sync(f, tracking_uri=uri)
+    assert result.rejected == 1 and client.list_artifacts(run_id, "energy") == []
+    assert (victim / "id_rsa").read_text() == "SECRET!"
+
+
+def test_sync_refuses_symlinked_spool_and_ack_files(store, tmp_path, monkeypatch):
+    uri, client, run_id = store
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    f, _ = _spool_with_artifact(real, run_id, uri)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    (spool_dir / f.name).symlink_to(f)
+    with pytest.raises(SinkError, match="symlink"):
+        sync(spool_dir / f.name, tracking_uri=uri)
+    with pytest.warns(WattlogWarning, match="could not sync.*symlink"):
+        result = sync(spool_dir, tracking_uri=uri)
+    assert (result.failed, result.sent) == (1, 0)
+    assert client.get_metric_history(run_id, "energy/step_j") == []
+
+    ack_target = tmp_path / "ack-target"
+    ack_target.write_text("")
+    spool_mod.ack_file(f).symlink_to(ack_target)  # an ack file that points elsewhere: nothing written there
+    with pytest.raises(SinkError, match="symlink"):
+        sync(f, tracking_uri=uri)
+    assert ack_target.read_text() == ""
+
+
+def test_writer_refuses_a_symlinked_spool_file_and_artifact_folder(store, tmp_path, monkeypatch):
+    _uri, _client, run_id = store
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (spool_dir / f"{run_id}.artifacts").symlink_to(elsewhere, target_is_directory=True)
+    src = tmp_path / "trace.csv"
+    src.write_text("a\n")
+    with pytest.raises(spool_mod.UnsafePathError, match="symlink"):
+        spool_mod.copy_artifact(src, spool_mod.artifacts_dir(spool_dir, run_id), spool_dir)
+    assert list(elsewhere.iterdir()) == []
+    (spool_dir / f"{run_id}.jsonl").symlink_to(tmp_path / "target.jsonl")
+    with pytest.raises(spool_mod.UnsafePathError, match="symlink"):
+        spool_mod.open_append(spool_mod.spool_file(spool_dir, run_id))
+    assert not (tmp_path / "target.jsonl").exists()
+
+
+def test_a_world_writable_spool_dir_is_tightened_when_ours(tmp_path):
+    d = tmp_path / "spool"
+    d.mkdir()
+    d.chmod(0o777)
+    spool_mod.ensure_dir(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    art = d / "r.artifacts"
+    art.mkdir()
+    art.chmod(0o775)
+    spool_mod.ensure_private_subdir(art)
+    assert stat.S_IMODE(art.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown a directory")
+def test_a_writable_spool_dir_of_another_user_is_refused(store, tmp_path, monkeypatch):
+    _uri, _client, run_id = store
+    d = tmp_path / "spool"
+    d.mkdir()
+    d.chmod(0o777)
+    os.chown(d, 65534, 65534)  # nobody
+    with pytest.raises(spool_mod.UnsafePathError, match="other users"):
+        spool_mod.ensure_dir(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o777  # not ours: left alone
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.warns(WattlogWarning, match="cannot write the spool.*other users"):
+        sink = MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=d, max_backoff_s=0.05)
+        sink.start()
+        sink.log_points([Point("energy/step_j", 1.0, 1, 1)])
+        sink.close(timeout_s=0.1)
+    assert list(d.iterdir()) == []

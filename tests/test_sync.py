@@ -238,3 +238,110 @@ def test_cli_sync_exit_codes(store, tmp_path, capsys, monkeypatch):
     assert err.startswith("wattlog sync: error: cannot sync") and err.count("\n") == 1
     assert "s3cr3t" not in err and "Traceback" not in err
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the CLI restored the environment
+
+
+# ------------------------------------------------------------------ issue 12: every valid spool, honest counts
+
+
+def test_sync_directory_delivers_every_valid_spool_and_reports_each_bad_one(store, tmp_path):
+    uri, client, exp = store
+    good, deleted = (client.create_run(exp).info.run_id for _ in range(2))
+    spool_dir = tmp_path / "spool"
+    write_spool(spool_dir, "0" * 32, uri, 5)  # a run that never existed (or was purged)
+    write_spool(spool_dir, deleted, uri, 5)
+    client.delete_run(deleted)
+    write_spool(spool_dir, good, uri, 7)
+    (spool_dir / "zz-notes.jsonl").write_text("not a spool\n")
+
+    with pytest.warns(WattlogWarning) as rec:
+        result = sync(spool_dir)
+    assert steps(client, good) == list(range(7))  # the bad spools next to it stopped nothing
+    assert (result.sent, result.files, result.failed) == (7, 1, 2)
+    failed = {p.path.name: p.reason for p in result.problems if p.kind == "failed"}
+    assert set(failed) == {f"{'0' * 32}.jsonl", f"{deleted}.jsonl"}
+    assert "deleted" in failed[f"{deleted}.jsonl"]
+    assert [p.path.name for p in result.problems if p.kind == "skipped"] == ["zz-notes.jsonl"]
+    texts = [str(w.message) for w in rec]
+    assert sum("could not sync" in t for t in texts) == 2 and sum("skipping" in t for t in texts) == 1
+    for name in failed:  # kept as they were: nothing acknowledged
+        assert sp.read_acks(sp.ack_file(spool_dir / name)).ranges == []
+
+
+def test_sync_counts_unreadable_lines_and_duplicates_truthfully(store, tmp_path):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    path = write_spool(tmp_path / "spool", run_id, uri, 10)
+    body = path.read_bytes().split(b"\n", 1)[1]
+    with path.open("ab") as f:  # the same records again (a concatenated spool), then junk
+        f.write(body + b"garbage\n" + b'{"seq": "x"}\n' + b"\n" + b'{"seq": 99, "k": "energy/step_j", "v": 1')
+    copy = tmp_path / "spool" / "copy-of-run.jsonl"  # the same spool under another name
+    copy.write_bytes(path.read_bytes())
+
+    result = sync(tmp_path / "spool")
+    assert result.sent_by_kind["point"] == 10  # the true number of new points
+    assert result.skipped == 10 + 20  # the repeated lines, then the whole copy (which repeats them too)
+    assert result.unreadable == 2 * 3  # two junk lines and the cut last line, in each file
+    assert (result.files, result.failed) == (2, 0)
+    assert steps(client, run_id) == list(range(10))
+    assert len(client.get_metric_history(run_id, "energy/step_j")) == 10
+
+
+def test_sync_into_a_missing_sqlite_store_never_creates_it(store, tmp_path, capsys):
+    uri, client, exp = store
+    path = write_spool(tmp_path / "spool", client.create_run(exp).info.run_id, uri, 3)
+    wrong = tmp_path / "typo" / "mlfow.db"
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(SinkError, match="no MLflow database"):
+        sync(path, tracking_uri=f"sqlite:///{wrong}")
+    assert not wrong.exists()
+    with pytest.warns(WattlogWarning, match="no MLflow database"):
+        result = sync(path.parent, tracking_uri=f"sqlite:///{wrong}")
+    assert (result.failed, result.sent) == (1, 0) and not wrong.exists()
+    assert cli(["sync", str(path.parent), "--tracking-uri", f"sqlite:///{wrong}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wattlog sync: error:") and "no MLflow database" in err[0]
+    assert not wrong.exists()
+    with pytest.raises(SinkError, match="no MLflow file store"):
+        sync(path, tracking_uri=(tmp_path / "no-mlruns").as_uri())
+    assert not (tmp_path / "no-mlruns").exists()
+
+
+def test_cli_sync_reports_each_bad_spool_and_exits_1(store, tmp_path, capsys):
+    uri, client, exp = store
+    good = client.create_run(exp).info.run_id
+    spool_dir = tmp_path / "spool"
+    write_spool(spool_dir, good, uri, 4)
+    write_spool(spool_dir, "f" * 32, uri, 2)
+    with (spool_dir / f"{good}.jsonl").open("ab") as f:
+        f.write(b"junk\n")
+    assert cli(["sync", str(spool_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == ("sent 4 points (0 already present) from 1 spool files; 1 unreadable lines skipped; "
+                           "1 spool files could not be synced (kept)")
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wattlog sync: error: {spool_dir / ('f' * 32)}.jsonl: ")
+
+
+def test_sync_file_continues_from_the_returned_offset(store, tmp_path):
+    """The unit a follower of a growing spool calls: a line still being written waits for the next call."""
+    from wattlog.sinks.sync import Deliverer, sync_file
+
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    path = write_spool(tmp_path / "spool", run_id, uri, 3)
+    line = sp.point_line(4, Point("energy/step_j", 3.0, 3, 1_003))
+    with path.open("ab") as f:
+        f.write(line[:10])  # half written
+    deliverer = Deliverer(MlflowClient(uri), run_id, path.parent)
+    first = sync_file(path, deliverer)
+    assert (first.sent["point"], first.truncated, first.unreadable) == (3, True, 0)
+    assert first.offset == path.stat().st_size - 10
+    with path.open("ab") as f:
+        f.write(line[10:] + sp.point_line(5, Point("energy/step_j", 4.0, 4, 1_004)))
+    second = sync_file(path, deliverer, offset=first.offset)
+    assert (second.sent["point"], second.skipped, second.truncated) == (2, 0, False)
+    assert second.offset == path.stat().st_size
+    assert steps(client, run_id) == list(range(5))
+    assert sp.read_acks(sp.ack_file(path)).ranges == [(1, 5)]
+    with pytest.raises(SinkError, match="not of"):
+        sync_file(path, Deliverer(MlflowClient(uri), "a" * 32, path.parent))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import time
 from typing import Any
 
@@ -24,10 +25,21 @@ def _busy(seconds: float) -> int:
 
 
 def measure_workload(seconds: float = 2.0, **select_kwargs: Any) -> list[dict[str, Any]]:
-    """Measure an idle phase and a busy phase of ``seconds`` each; one row per phase and domain."""
+    """Measure an idle phase and a busy phase of ``seconds`` each; one row per phase and domain.
+
+    Raises:
+        ConfigError: ``seconds`` is not a finite number > 0, or a bad source choice.
+        SourceUnavailable: a source that was asked for explicitly cannot measure here.
+    """
+    import math
+
+    from wattlog.errors import ConfigError
     from wattlog.meter import EnergyMeter
     from wattlog.sources import select_sources
 
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or seconds <= 0:
+        raise ConfigError("seconds", seconds, "a finite number of seconds > 0")
     choices = select_sources(**select_kwargs)
     meter = EnergyMeter([c.source for c in choices if c.source is not None])
     meter.start()
@@ -60,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = measure_workload(args.seconds, gpus=args.gpus, cpu=args.cpu, ram=args.ram)
     except WattlogError as exc:
-        print(f"wattlog measure: {exc}", file=__import__("sys").stderr)
+        print(f"wattlog measure: error: {exc}", file=sys.stderr)
         return 2
     print(f"{'phase':<30} {'domain':<8} {'method':<9} {'label':<10} {'time_s':>7} {'energy_j':>10} {'power_w':>8} {'kwh':>11}")
     for r in rows:
@@ -74,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
 def register_cli(subparsers: Any) -> None:
     """Add the ``measure`` subcommand."""
     p = subparsers.add_parser("measure", help="measure an idle and a busy CPU phase (framework-free demo)")
-    p.add_argument("--seconds", type=float, default=2.0, help="length of each phase (default 2)")
-    p.add_argument("--gpus", default="auto")
-    p.add_argument("--cpu", default="auto")
-    p.add_argument("--ram", default="auto")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each phase, > 0 and <= 3600 (default 2)")
+    p.add_argument("--gpus", default="auto", help="auto | none | CUDA device indices such as 0,1 (default auto)")
+    p.add_argument("--cpu", default="auto", help="auto | rapl | estimate | none")
+    p.add_argument("--ram", default="auto", help="auto | rapl | estimate | none")
     p.set_defaults(func=run)

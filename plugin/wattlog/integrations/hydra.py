@@ -308,32 +308,25 @@ def _hydra_config() -> DictConfig | None:
 
 
 def _in_energy_sweep(hc: DictConfig) -> bool:
-    from hydra.types import RunMode
+    from wattlog.integrations.sweep_context import in_energy_sweep
 
-    if hc.get("mode") != RunMode.MULTIRUN:
-        return False
-    callbacks = hc.get("callbacks") or {}
-    return any(
-        isinstance(c, (Mapping, DictConfig)) and c.get("_target_") == SWEEP_CALLBACK_TARGET
-        for c in callbacks.values()
-    )
+    return in_energy_sweep(hc)
 
 
 def _sweep_dir(hc: DictConfig) -> Path:
-    sweep_dir = Path(str(hc.sweep.dir))
-    if not sweep_dir.is_absolute():
-        base = OmegaConf.select(hc, "runtime.cwd", default=None)
-        sweep_dir = Path(str(base or os.getcwd())) / sweep_dir
-    return sweep_dir
+    from wattlog.integrations.sweep_context import sweep_dir_of
+
+    return sweep_dir_of(hc)
 
 
 def sweep_info() -> dict[str, Any] | None:
-    """The energy sweep this job belongs to, read from ``<hydra.sweep.dir>/.wattlog_sweep.json``.
+    """The energy sweep this job belongs to, read from ``<hydra.sweep.dir>/.wattlog/sweep.json``.
 
     The file is written by :class:`EnergySweepCallback` on the launching machine and found from
     the job's own Hydra config, so it works for jobs in other processes (joblib) or on other hosts
-    sharing the sweep dir (submitit). None outside a multirun, without the callback, or when the
-    file is absent (the parent run could not be opened).
+    sharing the sweep dir (submitit). It holds no credentials (its ``tracking_uri`` is redacted). None
+    outside a multirun, without the callback, or when the file is absent (the parent run could not
+    be opened).
     """
     hc = _hydra_config()
     if hc is None or not _in_energy_sweep(hc):
@@ -342,7 +335,7 @@ def sweep_info() -> dict[str, Any] | None:
 
 
 def job_overrides() -> list[str]:
-    """The running job's task overrides (``hydra.overrides.task``), e.g. ``["model.lr=0.1"]``."""
+    """The running job's task overrides (``hydra.overrides.task``), e.g. ``["model.lr=0.1"]``; not redacted."""
     hc = _hydra_config()
     if hc is None:
         return []
@@ -375,48 +368,49 @@ def mlflow_run_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments of a job's ``MLFlowLogger``, linking it to its energy sweep.
 
-    Inside a sweep run with :class:`EnergySweepCallback`, the sweep's tracking URI and
-    experiment win (children must share the parent's experiment to nest under it). Otherwise:
-    the explicit argument, then ``cfg.mlflow.{experiment_name,tracking_uri}``, then
+    A convenience: any ``MLFlowLogger`` joins the sweep through its ``EnergyMonitor``; this one also
+    gets a short run name and the sweep's experiment. Outside a sweep, and for the tracking URI inside
+    one: the explicit argument, then ``cfg.mlflow.{experiment_name,tracking_uri,run_name}``, then
     ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_TRACKING_URI``, then ``Default`` / ``sqlite:///mlflow.db``.
+    Inside a sweep run with :class:`EnergySweepCallback`, the sweep's experiment wins (children must
+    share the parent's experiment to nest under it in the UI), and so does the sweep's tracking URI
+    when it holds no credentials (a credentialed one is not stored in the sweep file: the job's own
+    config or environment gives it).
 
     Returns:
         ``{"experiment_name", "tracking_uri", "run_name", "tags"}``, usable as
-        ``MLFlowLogger(**kwargs)``. In a sweep the tags are ``mlflow.parentRunId``,
-        ``wattlog.sweep_id``, ``wattlog.job_num`` and ``wattlog.overrides`` (JSON list of the
-        job's overrides). :func:`make_mlflow_logger` also logs the overrides as params.
+        ``MLFlowLogger(**kwargs)``. In a sweep the tags are those of
+        :func:`wattlog.integrations.sweep_context.sweep_link_tags` (``mlflow.parentRunId``,
+        ``energy.sweep_id``, ``energy.sweep_job``, ``energy.overrides``) and the run name the job's
+        differing override values (``8 0.01``); outside, ``energy.overrides`` when Hydra has overrides.
     """
+    from wattlog.integrations.sweep_context import T_OVERRIDES, current_sweep, redacted_overrides_json
+    from wattlog.integrations.sweep_context import run_name as short_run_name
+    from wattlog.integrations.sweep_context import sweep_link_tags
+
     experiment_name = (
         experiment_name
         or _cfg_get(cfg, "mlflow.experiment_name")
         or os.environ.get("MLFLOW_EXPERIMENT_NAME")
         or "Default"
     )
-    tracking_uri = (
-        tracking_uri
-        or _cfg_get(cfg, "mlflow.tracking_uri")
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or DEFAULT_TRACKING_URI
-    )
+    tracking_uri = tracking_uri or _cfg_get(cfg, "mlflow.tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     run_name = run_name or _cfg_get(cfg, "mlflow.run_name")
     tags: dict[str, str] = {}
     overrides = job_overrides()
     if overrides:
-        tags["wattlog.overrides"] = json.dumps(overrides)[:5000]
-    info = sweep_info()
+        tags[T_OVERRIDES] = redacted_overrides_json(overrides)
+    info = current_sweep()
     if info is not None:
-        tracking_uri = info["tracking_uri"]
+        if info.get("tracking_uri") and not info.get("tracking_uri_redacted", True):
+            tracking_uri = info["tracking_uri"]
         experiment_name = info["experiment_name"]
-        tags["mlflow.parentRunId"] = info["parent_run_id"]
-        tags["wattlog.sweep_id"] = info["sweep_id"]
-        hc = _hydra_config()
-        if hc is not None and hc.job.get("num") is not None:
-            tags["wattlog.job_num"] = str(hc.job.num)
-            if run_name is None:
-                run_name = f"#{hc.job.num} " + " ".join(overrides) if overrides else f"#{hc.job.num}"
+        tags.update(sweep_link_tags())
+        if run_name is None:
+            run_name = short_run_name(overrides, info.get("overrides") or [], info.get("job_num"))
     return {
         "experiment_name": experiment_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": tracking_uri or DEFAULT_TRACKING_URI,
         "run_name": run_name,
         "tags": tags,
     }
@@ -432,14 +426,17 @@ def make_mlflow_logger(
 ) -> Any:
     """A Lightning ``MLFlowLogger`` for this job: a child of the energy sweep's parent run when in one.
 
-    Logs the job's overrides as params (``train.max_epochs=2`` -> param ``train.max_epochs``).
-    Arguments as :func:`mlflow_run_kwargs`; ``logger_kwargs`` go to ``MLFlowLogger`` (``tags`` are
-    merged with the sweep's tags).
+    A convenience, not a requirement: an ``EnergyMonitor`` links any ``MLFlowLogger`` to the sweep.
+    Logs the job's overrides as params under ``override.`` (``train.max_epochs=2`` -> param
+    ``override.train.max_epochs``), redacted. Arguments as :func:`mlflow_run_kwargs`; ``logger_kwargs``
+    go to ``MLFlowLogger`` (``tags`` are merged with the sweep's tags, which win).
     """
     try:
         from lightning.pytorch.loggers import MLFlowLogger
     except ImportError:  # pragma: no cover - the pytorch_lightning package only
         from pytorch_lightning.loggers import MLFlowLogger
+
+    from wattlog.integrations.sweep_context import override_params
 
     kwargs = mlflow_run_kwargs(
         cfg, experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri
@@ -447,8 +444,7 @@ def make_mlflow_logger(
     user_tags = dict(logger_kwargs.pop("tags", None) or {})
     kwargs["tags"] = {**user_tags, **(kwargs.get("tags") or {})}  # the sweep's own tags win
     logger = MLFlowLogger(**kwargs, **logger_kwargs)
-    params = overrides_as_params(job_overrides())
+    params = override_params(job_overrides())
     if params:
         logger.log_hyperparams(params)
     return logger
-

@@ -14,6 +14,12 @@ directory created with mode 0700), JSON lines:
 
   Readers skip lines they do not understand, so older wattlog versions replay only the points.
 
+Symlinks are never followed inside the spool: spool, ack and artifact files are opened with
+``O_NOFOLLOW``, artifact folders are checked with ``lstat`` (real directories, owned by this user, not
+writable by others) and by their real path, and anything else is refused with :class:`UnsafePathError`.
+An existing spool directory that is group- or world-writable is tightened to 0700 when this user owns
+it, else refused.
+
 Next to it, ``<run_id>.jsonl.ack`` holds append-only lines ``first_seq last_seq``: inclusive ranges of
 records that MLflow acknowledged (or permanently rejected), so a restart or ``wattlog sync`` knows
 what is left to deliver.
@@ -25,21 +31,21 @@ import json
 import os
 import posixpath
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from typing import Any
+
+from wattlog.redact import redact_text, redact_uri  # noqa: F401 - re-exported: older imports use this module
 
 SPOOL_VERSION = 1
 SPOOL_SUFFIX = ".jsonl"
 ACK_SUFFIX = ".ack"
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
-_SECRET_QUERY_KEYS = ("token", "password", "passwd", "secret", "key", "sig", "signature", "credential")
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
-_SECRET_ENV_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,255}$")  # MLflow's run id rule, ASCII only
 _TEMP_COPY_PREFIX = "wattlog-artifact-"
 
@@ -116,64 +122,126 @@ def ack_file(spool_path: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(spool_path)}{ACK_SUFFIX}")
 
 
-def redact_uri(uri: str | None) -> str:
-    """Return ``uri`` without credentials: userinfo (``user:password@``) and secret-looking query values.
-
-    Args:
-        uri: a tracking URI, or None.
-
-    Returns:
-        The redacted URI (``""`` for None). Non-URL strings (plain paths) come back unchanged.
-    """
-    if not uri:
-        return ""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return redact_text(uri)
-    out = uri
-    if "@" in parts.netloc:
-        host = parts.netloc.rsplit("@", 1)[1]
-        out = out.replace(parts.netloc, host, 1)
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        if any(_is_secret_key(k) for k, _ in pairs):
-            query = urlencode([(k, "***" if _is_secret_key(k) else v) for k, v in pairs], safe="*")
-            out = out.replace(parts.query, query, 1)
-    return out
+class UnsafePathError(PermissionError):
+    """A spool path wattlog refuses to use: a symlink, not a regular file or directory, owned by another
+    user, or writable by other users. An ``OSError``, so every caller that handles I/O errors handles it."""
 
 
-def redact_text(text: str) -> str:
-    """Remove URI userinfo and the values of MLflow credential env vars from free text (error messages)."""
-    text = _USERINFO_RE.sub(r"\g<scheme>", text)
-    for name in _SECRET_ENV_VARS:
-        secret = os.environ.get(name, "")
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
-def _is_secret_key(key: str) -> bool:
-    low = key.lower()
-    return any(s in low for s in _SECRET_QUERY_KEYS)
+def _check_private_dir(st: os.stat_result, path: Path, tighten: bool) -> None:
+    """Refuse a directory owned by someone else or writable by others (tighten it to 0700 when ours)."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"refusing {path}: not a directory")
+    if not st.st_mode & 0o022:
+        return
+    ours = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+    if ours and tighten:
+        os.chmod(path, _DIR_MODE)
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    who = "this user" if ours else f"uid {st.st_uid}"
+    raise UnsafePathError(
+        f"refusing the spool directory {path}: mode {mode:04o} lets other users write into it and it is owned "
+        f"by {who}; use a private directory (WATTLOG_SPOOL_DIR) or `chmod 700` it"
+    )
 
 
 def ensure_dir(path: Path) -> None:
-    """Create ``path`` (and parents); the leaf is created with mode 0700 when it does not exist yet."""
+    """Create the spool directory ``path`` (and parents); a new leaf gets mode 0700.
+
+    An existing one is checked: a group- or world-writable directory owned by this user is tightened to
+    0700; one owned by another user is refused. ``path`` itself may be reached through a symlink the
+    user made (its target is what is checked); nothing inside it is ever followed.
+
+    Raises:
+        UnsafePathError: ``path`` is not a directory, or others can write into it and it is not ours.
+        OSError: it cannot be created.
+    """
     if not path.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=_DIR_MODE, exist_ok=True)
+        try:
+            path.mkdir(mode=_DIR_MODE)
+        except FileExistsError:
+            pass
+    _check_private_dir(os.stat(path), path, tighten=True)
+
+
+def ensure_private_subdir(path: Path) -> None:
+    """Create ``path`` (mode 0700) inside an existing spool directory; an existing one must be a real
+    directory (not a symlink), owned by this user and not writable by others (tightened when ours).
+
+    Raises:
+        UnsafePathError: ``path`` is a symlink or another user's, or not a directory.
+    """
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(f"refusing {path}: it is a symlink (wattlog never follows symlinks in the spool)")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise UnsafePathError(f"refusing {path}: owned by uid {st.st_uid}, not by this user")
+    _check_private_dir(st, path, tighten=True)
 
 
 def open_append(path: Path) -> tuple[object, int]:
-    """Open ``path`` for binary append, creating it with mode 0600. Returns (file, current size in bytes)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+    """Open ``path`` for binary append, creating it with mode 0600, never through a symlink.
+
+    Returns:
+        (file, current size in bytes).
+
+    Raises:
+        UnsafePathError: ``path`` is a symlink or not a regular file.
+    """
     try:
-        size = os.fstat(fd).st_size
-        return os.fdopen(fd, "ab"), size
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC | _NONBLOCK, _FILE_MODE)
+    except OSError as exc:
+        _raise_if_symlink(path, exc)
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"refusing {path}: not a regular file")
+        return os.fdopen(fd, "ab"), st.st_size
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_read(path: Path) -> Any:
+    """Open a spool or ack file for binary reading, never through a symlink.
+
+    Raises:
+        UnsafePathError: ``path`` is a symlink or not a regular file.
+        FileNotFoundError: it does not exist.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
+    except OSError as exc:
+        _raise_if_symlink(path, exc)
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafePathError(f"refusing {path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _raise_if_symlink(path: Path, exc: OSError) -> None:
+    try:
+        link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return
+    if link:
+        raise UnsafePathError(f"refusing {path}: it is a symlink (wattlog never follows symlinks in the spool)") from exc
 
 
 def header_line(run_id: str, tracking_uri: str | None) -> bytes:
@@ -252,7 +320,7 @@ def read_header(path: Path) -> tuple[dict[str, object], int]:
     Raises:
         ValueError: the file does not start with a wattlog spool header, or its run id is not a valid one.
     """
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         first = f.readline()
     header = parse_header(first) if first.endswith(b"\n") else None
     if header is None:
@@ -264,7 +332,7 @@ def read_header(path: Path) -> tuple[dict[str, object], int]:
 
 def ends_with_newline(path: Path) -> bool:
     """True if the file is empty or its last byte is a newline."""
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         f.seek(0, os.SEEK_END)
         if f.tell() == 0:
             return True
@@ -277,15 +345,39 @@ def iter_records_from(path: Path, offset: int) -> Iterator[tuple[int, Record, in
 
     Malformed lines are skipped; an unterminated last line (still being written, or cut by a crash)
     ends the iteration.
+
+    Raises:
+        UnsafePathError: ``path`` is a symlink or not a regular file.
     """
-    with open(path, "rb") as f:
+    for seq, rec, start, end in iter_lines_from(path, offset):
+        if rec is not None:
+            yield seq, rec, start, end
+
+
+def iter_lines_from(path: Path, offset: int, stats: Any = None) -> Iterator[tuple[int, Record | None, int, int]]:
+    """Yield ``(seq, record or None, start, end)`` for every complete line of ``path`` from ``offset``.
+
+    A line that is not a record wattlog understands yields ``(-1, None, start, end)``; with ``stats``
+    (any object with int attribute ``unreadable`` and bool ``truncated``) those lines are counted, and
+    ``stats.truncated`` is set when the file ends in an unterminated line, which ends the iteration.
+
+    Raises:
+        UnsafePathError: ``path`` is a symlink or not a regular file.
+    """
+    with open_read(path) as f:
         f.seek(offset)
         for line in f:
             start, offset = offset, offset + len(line)
             if not line.endswith(b"\n"):
+                if stats is not None:
+                    stats.truncated = True
                 return
             parsed = parse_record(line)
-            if parsed is not None:
+            if parsed is None:
+                if stats is not None and line.strip():
+                    stats.unreadable += 1
+                yield -1, None, start, offset
+            else:
                 yield parsed[0], parsed[1], start, offset
 
 
@@ -333,19 +425,24 @@ def check_artifact_path(artifact_path: str | None) -> str | None:
 def copy_artifact(src: Path, root: Path, spool_dir: Path | None) -> tuple[str, int]:
     """Copy ``src`` into a fresh directory (0700) under ``root``; the copy is created with mode 0600.
 
+    ``root`` (``<spool_dir>/<run_id>.artifacts``, or a private temporary directory) must be a real
+    directory of this user, not a symlink (see :func:`ensure_private_subdir`).
+
     Returns:
         (the copy's path, relative to ``spool_dir`` when given and inside it, else absolute; size in bytes).
 
     Raises:
-        OSError: the copy failed (nothing is left behind).
+        OSError: the copy failed (nothing is left behind); :class:`UnsafePathError` for a symlinked root.
     """
     import shutil
 
-    ensure_dir(root)
+    if spool_dir is not None and root.parent == spool_dir:
+        ensure_dir(spool_dir)
+    ensure_private_subdir(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix="a"))
     dst = tmp / src.name
     try:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, _FILE_MODE)
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
             out.flush()
@@ -361,17 +458,8 @@ def copy_artifact(src: Path, root: Path, spool_dir: Path | None) -> tuple[str, i
     return str(dst), size
 
 
-def resolve_artifact_copy(file: str, spool_dir: Path | None, run_id: str) -> Path:
-    """The absolute path of a spooled artifact copy of ``run_id``, checked to be one wattlog made.
-
-    A copy lives at ``<spool_dir>/<run_id>.artifacts/<unique>/<name>`` (stored relative), or, when the
-    spool was not writable, at ``<tempdir>/wattlog-artifact-*/<unique>/<name>``. A spool line naming
-    anything else (a hand-edited or foreign spool) is refused, so ``wattlog sync`` never uploads or
-    deletes files outside these directories.
-
-    Raises:
-        ValueError: ``file`` is not such a path.
-    """
+def _copy_location(file: str, spool_dir: Path | None, run_id: str) -> tuple[Path, tuple[str, str, str]]:
+    """``(base, (folder, unique, name))`` of an artifact copy path, checked as a string only."""
     if "\0" in file or "\\" in file:
         raise ValueError(f"artifact copy {file[:200]!r} is not a wattlog spool copy")
     p = Path(file)
@@ -381,22 +469,113 @@ def resolve_artifact_copy(file: str, spool_dir: Path | None, run_id: str) -> Pat
     if not p.is_absolute():
         if spool_dir is None or len(parts) != 3 or parts[0] != f"{run_id}.artifacts":
             raise ValueError(f"artifact copy {file[:200]!r} is outside {run_id}.artifacts/ in the spool")
-        return spool_dir / p
+        return Path(spool_dir), (parts[0], parts[1], parts[2])
     if len(parts) < 4 or not parts[-3].startswith(_TEMP_COPY_PREFIX) or p.parents[2] != Path(tempfile.gettempdir()):
         raise ValueError(f"artifact copy {file[:200]!r} is outside the spool and wattlog's temporary copies")
-    return p
+    return p.parents[2], (parts[-3], parts[-2], parts[-1])
+
+
+def _open_copy_dirs(base: Path, folder: str, unique: str) -> tuple[int, int] | None:
+    """Open ``base/folder/unique`` without following a symlink below ``base``; both must be private
+    directories of this user. None when one is missing.
+
+    Raises:
+        UnsafePathError: a symlink, not a directory, another user's, or writable by others.
+    """
+    fds: list[int] = []
+    try:
+        try:
+            fds.append(os.open(base, os.O_RDONLY | _DIRECTORY | _CLOEXEC))
+        except FileNotFoundError:
+            return None
+        for name in (folder, unique):
+            where = base.joinpath(*[folder, unique][: len(fds)])
+            try:
+                fd = os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=fds[-1])
+            except FileNotFoundError:
+                return None
+            except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file (or a symlink, on some systems)
+                raise UnsafePathError(f"refusing {where}: a symlink or not a directory "
+                                      "(wattlog never follows symlinks in the spool)") from exc
+            fds.append(fd)
+            st = os.fstat(fd)
+            if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+                raise UnsafePathError(f"refusing {where}: owned by uid {st.st_uid}, not by this user")
+            if st.st_mode & 0o022:
+                raise UnsafePathError(f"refusing {where}: writable by other users")
+        os.close(fds.pop(0))
+        return fds[0], fds[1]
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def resolve_artifact_copy(file: str, spool_dir: Path | None, run_id: str) -> Path:
+    """The absolute path of a spooled artifact copy of ``run_id``, checked to be one wattlog made.
+
+    A copy lives at ``<spool_dir>/<run_id>.artifacts/<unique>/<name>`` (stored relative), or, when the
+    spool was not writable, at ``<tempdir>/wattlog-artifact-*/<unique>/<name>``. A spool line naming
+    anything else (a hand-edited or foreign spool) is refused, and so is a copy reached through a
+    symlink (either folder, or the file itself), one whose folders belong to another user or are
+    writable by others, or whose real path differs from the expected one: ``wattlog sync`` never
+    uploads or deletes files outside these directories. A copy that does not exist is returned as is
+    (the caller reports it missing).
+
+    Raises:
+        ValueError: ``file`` is not such a path, or it is refused for one of the reasons above.
+    """
+    base, (folder, unique, name) = _copy_location(file, spool_dir, run_id)
+    path = base / folder / unique / name
+    try:
+        fds = _open_copy_dirs(base, folder, unique)
+        if fds is None:
+            return path
+        try:
+            try:
+                st = os.stat(name, dir_fd=fds[1], follow_symlinks=False)
+            except FileNotFoundError:
+                return path
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePathError(f"refusing {path}: a symlink or not a regular file")
+            if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+                raise UnsafePathError(f"refusing {path}: owned by uid {st.st_uid}, not by this user")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        expected = os.path.join(os.path.realpath(base), folder, unique, name)
+        if os.path.realpath(path) != expected:
+            raise UnsafePathError(f"refusing {path}: its real path is not inside {base / folder}")
+    except UnsafePathError as exc:
+        raise ValueError(str(exc)) from None
+    except OSError as exc:
+        raise ValueError(f"refusing {path}: {exc}") from None
+    return path
 
 
 def remove_artifact_copy(file: str, spool_dir: Path | None, run_id: str) -> None:
     """Delete a delivered artifact copy and its (then empty) private directory; errors are ignored.
 
-    Only paths :func:`resolve_artifact_copy` accepts are touched.
+    Only paths :func:`resolve_artifact_copy` accepts are touched, through directory descriptors opened
+    without following symlinks (a folder swapped for a symlink meanwhile deletes nothing).
     """
     try:
-        p = resolve_artifact_copy(file, spool_dir, run_id)
-    except ValueError:
+        resolve_artifact_copy(file, spool_dir, run_id)
+        base, (folder, unique, name) = _copy_location(file, spool_dir, run_id)
+        fds = _open_copy_dirs(base, folder, unique)
+    except (ValueError, OSError):
         return
-    _remove_copy(p)
+    if fds is None:
+        return
+    try:
+        for fn, target, dir_fd in ((os.unlink, name, fds[1]), (os.rmdir, unique, fds[0])):
+            try:
+                fn(target, dir_fd=dir_fd)
+            except OSError:
+                pass
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _remove_copy(p: Path) -> None:
@@ -440,7 +619,7 @@ def read_acks(path: Path) -> AckSet:
     """Acked ranges from an ack file (missing file: none; malformed lines are ignored)."""
     acks = AckSet()
     try:
-        with open(path, "rb") as f:
+        with open_read(path) as f:
             for line in f:
                 fields = line.split()
                 if len(fields) == 2 and line.endswith(b"\n"):

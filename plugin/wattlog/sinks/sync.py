@@ -48,6 +48,10 @@ class SyncResult:
         rejected: records MLflow refused for good (e.g. a param conflicting with the run's value); acked.
         deferred: artifacts whose upload failed while the server answered; kept for the next sync.
         sent_by_kind: ``{"point": n, "param": n, "tag": n, "artifact": n}``.
+        unreadable: spool lines that could not be read (malformed, of an unknown type, or cut by a
+            crash), skipped.
+        failed: spool files that could not be delivered (kept as they are; see ``problems``).
+        problems: each spool file that failed or was skipped (not a wattlog spool), with the reason.
     """
 
     sent: int
@@ -56,6 +60,9 @@ class SyncResult:
     rejected: int = 0
     deferred: int = 0
     sent_by_kind: dict[str, int] = field(default_factory=dict)
+    unreadable: int = 0
+    failed: int = 0
+    problems: list[SpoolProblem] = field(default_factory=list)
 
 
 @dataclass
@@ -168,9 +175,11 @@ class Deliverer:
                 history = self.client.get_metric_history(self.run_id, p.key)
                 known = {(int(m.step), int(m.timestamp), float(m.value)) for m in history}
                 self._history[p.key] = known
-            if (p.step, p.timestamp_ms, p.value) in known:
-                out.skipped += 1
+            ident = (p.step, p.timestamp_ms, p.value)
+            if ident in known:
+                out.skipped += 1  # MLflow has it, or an earlier record of this send is the same point
             else:
+                known.add(ident)  # what the run will hold if this send succeeds (invalidate() on failure)
                 todo.append((seq, p))
         return todo
 
@@ -289,6 +298,181 @@ def _chunks(entries: list[Entry], limit: int, unique_keys: bool) -> list[list[En
 # ---------------------------------------------------------------------- sync
 
 
+@dataclass
+class FileOutcome:
+    """What :func:`sync_file` did with one spool file.
+
+    Attributes:
+        path: the spool file.
+        run_id: the run named in its header.
+        offset: byte offset just past the last complete line read; pass it back as ``offset`` to
+            continue with what is appended later (a line still being written is left for then).
+        sent: records sent, by kind (``point``, ``param``, ``tag``, ``artifact``).
+        skipped: records MLflow already had (or repeated in the spool), acknowledged without a send.
+        unreadable: complete lines that are not records wattlog understands (skipped, counted).
+        truncated: True when the file ends in an unterminated line (a crash cut it, or it is being
+            written); it is not counted in ``unreadable``.
+        rejected: ``(seq, record, why)`` refused by MLflow for good, or refused by wattlog (an artifact
+            copy outside the spool or reached through a symlink); acknowledged, never retried.
+        deferred: ``(seq, record, why)`` artifacts whose upload failed while the server answered; not
+            acknowledged, so the next sync retries them.
+    """
+
+    path: Path
+    run_id: str
+    offset: int
+    sent: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    unreadable: int = 0
+    truncated: bool = False
+    rejected: list[Problem] = field(default_factory=list)
+    deferred: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SpoolProblem:
+    """A spool file :func:`sync` could not deliver (kept as it is for a later sync), or skipped.
+
+    Attributes:
+        path: the file.
+        reason: one redacted line.
+        kind: ``"failed"`` (a wattlog spool that could not be delivered: its run is gone, MLflow is
+            unreachable, a symlink was refused ...) or ``"skipped"`` (not a wattlog spool file).
+    """
+
+    path: Path
+    reason: str
+    kind: str = "failed"
+
+
+def check_store_exists(uri: str) -> None:
+    """Refuse a local tracking store that does not exist, so a sync never creates one.
+
+    ``sqlite:///path`` must name an existing file and a file store (``file:`` URI or plain path) an
+    existing directory. Remote stores (``http(s)://``, ``databricks``, databases) are not checked here.
+
+    Raises:
+        SinkError: the store does not exist.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    if uri.startswith("sqlite:"):
+        rest = uri[len("sqlite:"):].split("?", 1)[0]
+        path = rest[3:] if rest.startswith("///") else rest.lstrip("/")
+        if not path or path == ":memory:" or not os.path.isfile(path):
+            raise SinkError(f"cannot sync: no MLflow database at {path or uri!r} (tracking URI "
+                            f"{redact_uri(uri)}); `wattlog sync` never creates a tracking store: check --tracking-uri")
+        return
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file") and (parts.scheme or not uri.startswith(("databricks", "uc:"))):
+        path = unquote(parts.path) if parts.scheme else uri
+        if not os.path.isdir(path):
+            raise SinkError(f"cannot sync: no MLflow file store at {path!r} (tracking URI {redact_uri(uri)}); "
+                            "`wattlog sync` never creates a tracking store: check --tracking-uri")
+
+
+def sync_file(
+    path: str | os.PathLike[str],
+    deliverer: Deliverer,
+    *,
+    offset: int | None = None,
+    acks: _spool.AckSet | None = None,
+    ack_f: Any = None,
+) -> FileOutcome:
+    """Deliver the unacknowledged records of ONE spool file from a byte offset; the unit of delivery.
+
+    This is what ``wattlog sync`` runs for each file, and what a process that follows a growing spool
+    calls again with the returned ``offset`` after each append. Records are sent in spool order in
+    chunks of at most :data:`MAX_METRICS_PER_BATCH`, with de-duplication (what MLflow holds is skipped),
+    each chunk is acknowledged in the ack file once sent, and the copies of delivered artifacts are
+    deleted. A record whose seq is acknowledged already (in ``acks``) or that repeats a seq earlier in
+    the file is not sent again.
+
+    Args:
+        path: the spool file (``<run_id>.jsonl``); opened without following symlinks.
+        deliverer: a :class:`Deliverer` for the file's run (``Deliverer(client, run_id, spool_dir)``);
+            reuse it across calls to keep its caches; call ``deliverer.invalidate()`` after a failure.
+        offset: where to start reading; None: just after the header. Must be the start of a line.
+        acks: the file's acknowledged seqs; None: read from ``<path>.ack``. It is updated in place.
+        ack_f: an open binary append handle on ``<path>.ack``; None: opened (and closed) here.
+
+    Returns:
+        A :class:`FileOutcome`; its ``offset`` is where to continue.
+
+    Raises:
+        SinkError: (redacted) the header is not a wattlog spool header, or is for another run than
+            ``deliverer.run_id``; the file or a refused symlink cannot be read; MLflow failed mid-way:
+            the chunks before the failure stay acknowledged, the rest is retried by the next call
+            from the same ``offset``.
+    """
+    f = Path(path)
+    try:
+        header, body_offset = _spool.read_header(f)
+    except (ValueError, OSError) as exc:
+        raise SinkError(redact_text(str(exc))) from None
+    run_id = str(header["run_id"])
+    if run_id != deliverer.run_id:
+        raise SinkError(f"{f} is a spool of run {run_id}, not of {deliverer.run_id}")
+    start = body_offset if offset is None else max(int(offset), body_offset)
+    try:
+        if acks is None:
+            acks = _spool.read_acks(_spool.ack_file(f))
+        todo: list[Entry] = []
+        seen: set[int] = set()
+        result = FileOutcome(f, run_id, start)
+        for seq, rec, _s, end in _spool.iter_lines_from(f, start, result):
+            result.offset = end
+            if rec is None or seq in acks:
+                continue
+            if seq in seen:
+                result.skipped += 1  # the same record twice in the spool (a duplicated or concatenated file)
+                continue
+            seen.add(seq)
+            todo.append((seq, rec))
+    except OSError as exc:
+        raise SinkError(f"cannot read {f}: {redact_text(str(exc))}") from None
+    if not todo:
+        return result
+    own_ack_f = ack_f is None
+    if own_ack_f:
+        try:
+            ack_f, _ = _spool.open_append(_spool.ack_file(f))
+        except OSError as exc:
+            raise SinkError(f"cannot write the ack file of {f}: {redact_text(str(exc))}") from None
+    try:
+        _deliver(f, todo, deliverer, acks, ack_f, result)
+    finally:
+        if own_ack_f:
+            ack_f.close()
+    return result
+
+
+def _deliver(f: Path, todo: list[Entry], deliverer: Deliverer, acks: _spool.AckSet, ack_f: Any,
+             result: FileOutcome) -> None:
+    spool_dir = deliverer.spool_dir
+    for i in range(0, len(todo), MAX_METRICS_PER_BATCH):
+        chunk = todo[i : i + MAX_METRICS_PER_BATCH]
+        try:
+            out = deliverer.send(chunk, dedupe=True)
+        except Exception as exc:
+            deliverer.invalidate()
+            if isinstance(exc, SinkError):
+                raise SinkError(f"cannot sync {f}: {redact_text(str(exc))}") from None
+            raise SinkError(f"cannot sync {f} to MLflow run {deliverer.run_id}: {describe(exc)}") from None
+        deferred = {seq for seq, _r, _w in out.deferred}
+        done = [(seq, r) for seq, r in chunk if seq not in deferred]
+        ack_f.write(_spool.ack_lines(seq for seq, _ in done))
+        ack_f.flush()
+        for seq, r in done:
+            acks.add(seq, seq)
+            if isinstance(r, ArtifactRecord):
+                _spool.remove_artifact_copy(r.file, spool_dir, deliverer.run_id)
+        result.sent.update(out.sent)
+        result.skipped += out.skipped
+        result.rejected += out.rejected
+        result.deferred += out.deferred
+
+
 def sync(
     spool: str | os.PathLike[str] | None = None,
     tracking_uri: str | None = None,
@@ -301,84 +485,120 @@ def sync(
     duplicates; what was handled is recorded in the ack file, and delivered artifact copies are deleted.
     A param whose value conflicts with the run's is rejected with a warning (and acked, never retried).
     An artifact whose upload fails while the server answers is deferred with a warning: not acked,
-    so the next sync retries it.
+    so the next sync retries it. Each file is delivered by :func:`sync_file`.
+
+    With a directory, every valid spool is delivered: a spool that cannot be (its run was deleted, a
+    symlink was refused, its store is unreachable) is kept as it is, reported in
+    ``SyncResult.problems`` and by a warning, and the others go on. A local store that does not exist
+    (``sqlite:///missing.db``) is an error for each spool that names it: sync never creates one.
 
     Args:
         spool: a spool file, or a directory of ``*.jsonl`` spool files; default :func:`default_spool_dir`.
+            Symlinks in the directory are refused, never followed.
         tracking_uri: where to send; default the URI in each spool header, else MLflow's default.
 
     Raises:
         FileNotFoundError: ``spool`` does not exist.
-        SinkError: a spool file is malformed, or MLflow cannot be reached or refuses the run.
+        SinkError: (a single spool file) it is malformed, MLflow cannot be reached or refuses the run.
     """
     factory = _client_factory or default_client_factory
     path = Path(spool) if spool is not None else _spool.default_spool_dir()
-    if not path.exists():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no spool at {path}")
-    files = sorted(path.glob(f"*{_spool.SPOOL_SUFFIX}")) if path.is_dir() else [path]
-    total = Outcome()
-    n_files = 0
+    single = not path.is_dir()
+    files = [path] if single else sorted(path.glob(f"*{_spool.SPOOL_SUFFIX}"))
+    total = SyncTotals()
+    stores: dict[str, Any] = {}  # tracking URI -> client, or the SinkError it failed with
+    deliverers: dict[tuple[str, str], Deliverer] = {}
     for f in files:
         try:
-            header, body_offset = _spool.read_header(f)
-        except ValueError as exc:
-            if not path.is_dir():
-                raise SinkError(str(exc)) from None
-            warnings.warn(f"wattlog: skipping {f}: {exc}", WattlogWarning, stacklevel=2)
+            header, _ = _spool.read_header(f)
+        except (ValueError, OSError) as exc:
+            if single:
+                raise SinkError(redact_text(str(exc))) from None
+            kind = "failed" if isinstance(exc, _spool.UnsafePathError) else "skipped"
+            total.problem(SpoolProblem(f, redact_text(str(exc)), kind))
             continue
-        n_files += 1
-        _sync_file(f, header, body_offset, tracking_uri, factory, total)
-    n_sent = sum(total.sent.values())
-    return SyncResult(sent=n_sent, skipped=total.skipped, files=n_files, rejected=len(total.rejected),
-                      deferred=len(total.deferred), sent_by_kind={k: total.sent[k] for k in KINDS})
+        run_id = str(header["run_id"])
+        header_uri = header.get("tracking_uri")
+        try:
+            uri = tracking_uri or (str(header_uri) if header_uri else None) or resolve_uri(None)
+            client = _store(stores, uri, factory)
+            key = (uri, run_id)
+            if key not in deliverers:
+                deliverers[key] = Deliverer(client, run_id, f.parent.absolute())
+            else:
+                deliverers[key].spool_dir = f.parent.absolute()
+            out = sync_file(f, deliverers[key])
+        except SinkError as exc:
+            if single:
+                raise
+            total.problem(SpoolProblem(f, str(exc).replace(f"cannot sync {f}: ", "", 1)))
+            continue
+        total.add(out)
+    return total.result()
 
 
-def _sync_file(
-    f: Path, header: dict[str, object], body_offset: int, tracking_uri: str | None,
-    factory: ClientFactory, total: Outcome,
-) -> None:
-    run_id = str(header["run_id"])
-    acks = _spool.read_acks(_spool.ack_file(f))
-    todo = [(seq, r) for seq, r, _s, _e in _spool.iter_records_from(f, body_offset) if seq not in acks]
-    if not todo:
-        return
-    header_uri = header.get("tracking_uri")
-    uri = tracking_uri or (str(header_uri) if header_uri else None) or resolve_uri(None)
-    spool_dir = f.parent.absolute()
-    try:
-        deliverer = Deliverer(factory(uri), run_id, spool_dir)
-        ack_f, _ = _spool.open_append(_spool.ack_file(f))
-    except Exception as exc:
-        raise SinkError(f"cannot sync {f} to MLflow at {redact_uri(uri)}: {describe(exc)}") from None
-    with ack_f:
-        for i in range(0, len(todo), MAX_METRICS_PER_BATCH):
-            chunk = todo[i : i + MAX_METRICS_PER_BATCH]
-            try:
-                out = deliverer.send(chunk, dedupe=True)
-            except Exception as exc:
-                raise SinkError(
-                    f"cannot sync {f} to MLflow run {run_id} at {redact_uri(uri)}: {describe(exc)}"
-                ) from None
-            deferred = {seq for seq, _r, _w in out.deferred}
-            done = [(seq, r) for seq, r in chunk if seq not in deferred]
-            ack_f.write(_spool.ack_lines(seq for seq, _ in done))  # type: ignore[attr-defined]
-            ack_f.flush()  # type: ignore[attr-defined]
-            for _seq, r in done:
-                if isinstance(r, ArtifactRecord):
-                    _spool.remove_artifact_copy(r.file, spool_dir, run_id)
-            total.sent.update(out.sent)
-            total.skipped += out.skipped
-            total.rejected += out.rejected
-            total.deferred += out.deferred
-            for what, problems in (("rejected", out.rejected), ("could not upload", out.deferred)):
-                for seq, r, why in problems[:3]:
-                    tail = "dropped" if what == "rejected" else "kept for the next `wattlog sync`"
-                    warnings.warn(
-                        redact_text(f"wattlog: MLflow {what} {describe_record(r)} (seq {seq}) from {f}: "
-                                    f"{why}; {tail}"),
-                        WattlogWarning,
-                        stacklevel=4,
-                    )
+@dataclass
+class SyncTotals:
+    """Sums :class:`FileOutcome` values into a :class:`SyncResult`; warns about each problem once."""
+
+    outcome: Outcome = field(default_factory=Outcome)
+    files: int = 0
+    unreadable: int = 0
+    problems: list[SpoolProblem] = field(default_factory=list)
+
+    def add(self, out: FileOutcome) -> None:
+        self.files += 1
+        self.outcome.sent.update(out.sent)
+        self.outcome.skipped += out.skipped
+        self.outcome.rejected += out.rejected
+        self.outcome.deferred += out.deferred
+        self.unreadable += out.unreadable + int(out.truncated)
+        for what, problems in (("rejected", out.rejected), ("could not upload", out.deferred)):
+            for seq, r, why in problems[:3]:
+                tail = "dropped" if what == "rejected" else "kept for the next `wattlog sync`"
+                warnings.warn(
+                    redact_text(f"wattlog: MLflow {what} {describe_record(r)} (seq {seq}) from {out.path}: "
+                                f"{why}; {tail}"),
+                    WattlogWarning,
+                    stacklevel=4,
+                )
+
+    def problem(self, p: SpoolProblem) -> None:
+        self.problems.append(p)
+        verb = "skipping" if p.kind == "skipped" else "could not sync"
+        warnings.warn(f"wattlog: {verb} {p.path}: {p.reason}", WattlogWarning, stacklevel=4)
+
+    def result(self) -> SyncResult:
+        out = self.outcome
+        return SyncResult(
+            sent=sum(out.sent.values()), skipped=out.skipped, files=self.files, rejected=len(out.rejected),
+            deferred=len(out.deferred), sent_by_kind={k: out.sent[k] for k in KINDS},
+            unreadable=self.unreadable, failed=sum(p.kind == "failed" for p in self.problems),
+            problems=list(self.problems),
+        )
+
+
+def _store(stores: dict[str, Any], uri: str, factory: ClientFactory) -> Any:
+    """The client for ``uri``, made and probed once per sync (a failure is remembered for the others)."""
+    got = stores.get(uri)
+    if got is None:
+        try:
+            check_store_exists(uri)
+            client = factory(uri)
+            probe = getattr(client, "search_experiments", None)
+            if probe is not None:
+                probe(max_results=1)
+            got = client
+        except SinkError as exc:
+            got = exc
+        except Exception as exc:
+            got = SinkError(f"cannot sync to MLflow at {redact_uri(uri)}: {describe(exc)}")
+        stores[uri] = got
+    if isinstance(got, SinkError):
+        raise SinkError(str(got)) from None
+    return got
 
 
 def register_cli(subparsers: Any) -> None:
@@ -386,8 +606,11 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "sync",
         help="send spooled points, params, tags and artifacts that never reached MLflow",
-        description="Replay records from wattlog spool files into MLflow; what is already there is skipped.",
+        description="Replay records from wattlog spool files into MLflow; what is already there is skipped. "
+        "Exit codes: 0 done; 1 some spools or artifacts could not be delivered (run again later); 2 error.",
     )
+    p.add_argument("spool_arg", nargs="?", default=None, metavar="SPOOL",
+                   help="spool file or directory (same as --spool)")
     p.add_argument("--spool", default=None, help="spool file or directory (default: $WATTLOG_SPOOL_DIR "
                    "or ./.wattlog/spool)")
     p.add_argument(
@@ -397,25 +620,48 @@ def register_cli(subparsers: Any) -> None:
 
 
 def _cli_sync(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done; 1 some artifacts deferred (run again later); 2 error."""
+    """Exit codes: 0 done; 1 some spools or artifacts could not be delivered; 2 error."""
+    spool = getattr(args, "spool", None)
+    positional = getattr(args, "spool_arg", None)
+    if spool and positional and spool != positional:
+        print("wattlog sync: error: give the spool once (SPOOL or --spool)", file=sys.stderr)
+        return 2
+    spool = spool or positional
     saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     if saved is None:  # fail fast on an unreachable server instead of minutes of MLflow retries
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
     try:
-        result = sync(args.spool, args.tracking_uri)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", WattlogWarning)
+            result = sync(spool, args.tracking_uri)
     except (FileNotFoundError, SinkError) as exc:
         print(f"wattlog sync: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    problem_texts = {f"wattlog: {'skipping' if p.kind == 'skipped' else 'could not sync'} {p.path}: {p.reason}"
+                     for p in result.problems}
+    for w in caught:
+        text = str(w.message)
+        if text not in problem_texts:
+            print(redact_text(text), file=sys.stderr)
+    for p in result.problems:
+        label = "skipped" if p.kind == "skipped" else "error"
+        print(f"wattlog sync: {label}: {redact_text(f'{p.path}: {p.reason}')}", file=sys.stderr)
     by_kind = result.sent_by_kind
     others = "".join(f", {by_kind[k]} {k}s" for k in KINDS[1:] if by_kind.get(k))
-    extra = f"; {result.rejected} rejected by MLflow" if result.rejected else ""
+    extra = f"; {result.rejected} rejected" if result.rejected else ""
+    if result.unreadable:
+        extra += f"; {result.unreadable} unreadable lines skipped"
     if result.deferred:
         extra += f"; {result.deferred} artifacts could not be uploaded (run `wattlog sync` again)"
+    if result.failed:
+        extra += f"; {result.failed} spool files could not be synced (kept)"
     print(
         f"sent {by_kind.get('point', 0)} points{others} ({result.skipped} already present) "
         f"from {result.files} spool files{extra}"
     )
-    return 1 if result.deferred else 0
+    if result.failed and not result.files:
+        return 2
+    return 1 if (result.deferred or result.failed) else 0
