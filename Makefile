@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.wattlog-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-compat test-nolightning test-nolightning-all install torch clean
+.PHONY: demo test services test-compat test-nolightning test-nolightning-all install torch clean
 
 demo: $(STAMP)
 	@echo "== 1/5 what this machine can measure"
@@ -27,8 +27,18 @@ demo: $(STAMP)
 	@echo "Pareto chart: outputs/bert_finetune/pareto.png (the sweep's parent run also holds sweep/pareto.png)"
 	@echo "Browse everything: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
-test: $(STAMP)
+test: $(STAMP) services
 	WATTLOG_STRICT=1 $(PY) -m pytest
+
+# Servers the tests start themselves (PostgreSQL under the tests' mlflow server): installed once, as root,
+# from Debian's packages; without root or apt the PostgreSQL tests skip with the reason.
+services:
+	@if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing postgresql (Debian) for the PostgreSQL-backed MLflow tests"; \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql) >/dev/null 2>&1 \
+	    || echo "postgresql could not be installed: its tests will skip"; \
+	fi
 
 install: $(STAMP)
 

@@ -257,7 +257,6 @@ def test_sweep_of_an_app_with_its_own_logger_through_a_credentialed_server(tmp_p
         line for line in (s["stdout"] + s["stderr"]).splitlines() if not any(m in line for m in mlflow_lines)))
 
 
-@pytest.mark.xfail(strict=True, reason="EnergyMonitor does not call sweep_link_tags() at setup yet (issue 12, lead)")
 def test_sweep_links_a_run_through_the_monitor_alone(tmp_path: Path) -> None:
     s = _run_sweep(tmp_path, "energy=estimate,off", "link=monitor", module="tests.sweep_app",
                    experiment="own_sweeps", extra=("root_dir={lightning}",))

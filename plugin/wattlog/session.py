@@ -66,6 +66,7 @@ class EnergySession:
         host: measure CPU and RAM here (local rank 0 only, so a node is counted once).
         log_every_n_steps: per-step points every n steps.
         collectives: for DDP; None in a single process.
+        link_tags: tags set on the run when it is first opened (e.g. the links into a Hydra sweep).
         on_degrade: called with every degradation reason (after the policy's warning).
     """
 
@@ -77,6 +78,7 @@ class EnergySession:
         host: bool = True,
         log_every_n_steps: int = 1,
         collectives: Collectives | None = None,
+        link_tags: dict[str, str] | None = None,
         on_degrade: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options
@@ -91,6 +93,7 @@ class EnergySession:
         self.progress: dict[str, float] = {}
         self.idle_power_w: float | None = None
         self._on_degrade = on_degrade
+        self._link_tags = dict(link_tags or {})
         self._choices: list[Any] = []
         self._intensity: Any = None
         self._meter: Any = None
@@ -135,6 +138,8 @@ class EnergySession:
         self._aggregator = StepAggregator(self._prefix, self.rank)
         if self.rank == 0 and not self._params_logged:
             self.sink.log_params(self._params())
+            if self._link_tags:
+                self.sink.set_tags(self._link_tags)
             self._params_logged = True
 
     def measure_idle(self, seconds: float) -> float:

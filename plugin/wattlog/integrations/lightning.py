@@ -87,6 +87,7 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not self.options.enabled:
+            run.link_disabled_run(trainer)  # energy=off: no measurement, but the run still joins its sweep
             return
         self._session = session = self._session_for(trainer)
         session.open(run.build_sink(trainer, self._target, self.options, session.report_degraded)
@@ -204,7 +205,7 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
         log_every = self.options.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
         return EnergySession(self.options, gpus=run.gpu_selection(trainer, self.options),
                              host=int(getattr(trainer, "local_rank", 0)) == 0, log_every_n_steps=log_every,
-                             collectives=collectives)
+                             collectives=collectives, link_tags=run.sweep_tags() if rank == 0 else None)
 
     def _apply_restored(self, trainer: Any, fit: bool) -> None:
         state, self._restored = self._restored, None

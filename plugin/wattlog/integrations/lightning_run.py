@@ -98,3 +98,21 @@ def stage_fn(trainer: Any) -> str:
     """``fit``, ``validate``, ``test`` or ``predict``: what the trainer is running."""
     fn = getattr(getattr(trainer, "state", None), "fn", None)
     return str(getattr(fn, "value", fn) or "")
+
+
+def sweep_tags() -> dict[str, str]:
+    """The tags that link this job's run into its wattlog Hydra sweep (``{}`` outside one)."""
+    from wattlog.integrations.sweep_context import sweep_link_tags
+
+    return sweep_link_tags()
+
+
+def link_disabled_run(trainer: Any) -> None:
+    """For a disabled monitor in a sweep: tag the trainer's MLflow run through its own logger (rank 0)."""
+    tags = sweep_tags() if int(getattr(trainer, "global_rank", 0)) == 0 else {}
+    if not tags:
+        return
+    for logger in getattr(trainer, "loggers", []) or []:
+        if _is_mlflow_logger(logger):
+            for key, value in tags.items():
+                logger.experiment.set_tag(logger.run_id, key, value)
