@@ -18,7 +18,7 @@ import pytest
 from wattlog.ledger import EnergyLedger, StepRecord, TraceLog
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PER_STEP = ("energy/step_j", "energy/power_w", "energy/gpu_power_w", "energy/total_kwh", "energy/emissions_g")
+PER_STEP = ("energy/step_j", "energy/power_w", "energy/gpu_power_w", "energy/total_j", "energy/emissions_g")
 
 
 def _rec(step: int, joules: float = 2.0, stage: str = "train", domains=("gpu0",)) -> StepRecord:
@@ -53,18 +53,21 @@ def test_trace_log_streams_rows_and_bounds_plot_rows(tmp_path):
 def test_reconcile_rerun_keeps_first_points_and_counts_wasted_energy():
     ledger = EnergyLedger({"gpu0": "gpu"}, 100.0)
     ledger.load_state_dict({"version": 1, "total_j": 3600.0})  # a v1 checkpoint: no attempts
-    assert ledger.begin_attempt("b", start_step=20) == 1
-    # the killed attempt logged steps 21..23 after the checkpoint; 18..20 are before it
-    killed = {18: 0.0009, 21: 1100 / 3.6e6 * 3.6, 22: 0.0011, 23: 4200.0 / 3.6e6}
-    last, wasted_kwh = ledger.reconcile_rerun(killed, start_step=20)
-    assert last == 23 and wasted_kwh == pytest.approx(600.0 / 3.6e6)
+    assert ledger.begin_attempt("b", start_step=21) == 1
+    # the killed attempt logged steps 21..23 after the checkpoint; 18 is before it
+    killed = {18: 3240.0, 21: 3960.0, 22: 3960.0, 23: 4200.0}
+    last, wasted_j = ledger.reconcile_rerun(killed, start_step=21)
+    assert last == 23 and wasted_j == pytest.approx(600.0)
     points = ledger.add([_rec(s) for s in range(21, 26)])
     assert [s for s, _ in points] == [24, 25]  # re-run steps 21..23 keep the killed attempt's points
-    assert ledger.state.total_j == pytest.approx(3600.0 + 5 * 2.0)  # but their energy counts
-    summary = ledger.summary("all")
-    assert summary["energy/rerun_kwh"] == pytest.approx(600.0 / 3.6e6)
+    # their energy counts, and so does the killed attempt's: the total never goes below what was logged
+    assert ledger.state.total_j == pytest.approx(3600.0 + 600.0 + 5 * 2.0)
+    assert [m["energy/total_j"] for _, m in points] == sorted(m["energy/total_j"] for _, m in points)
+    assert points[0][1]["energy/total_j"] > 4200.0
+    summary = ledger.summary()
+    assert summary["energy/rerun_j"] == pytest.approx(600.0)
     state = ledger.state_dict()
-    assert state["attempts"] == [{"id": "b", "start_step": 20, "rerun_through_step": 23, "rerun_j": 600.0}]
+    assert state["attempts"] == [{"id": "b", "start_step": 21, "rerun_through_step": 23, "rerun_j": 600.0}]
     again = EnergyLedger({"gpu0": "gpu"}, 100.0)
     again.load_state_dict(state)
     assert again.attempt == 1 and again.state.rerun_j == pytest.approx(600.0)
@@ -115,12 +118,12 @@ def test_sigkill_mid_epoch_then_resume_continues_totals_without_double_points(tm
     assert ckpt["global_step"] == 20
     ckpt_j = ckpt["callbacks"]["EnergyMonitor"]["total_j"]
 
-    # what the killed attempt logged after the checkpoint (its steps 21.. are re-run)
+    # what the killed attempt logged after the checkpoint (its steps 20.. are re-run)
     spool = tmp_path / ".wattlog" / "spool" / f"{run_id}.jsonl"
-    killed = {p.step: p.value for p in _spool_points(spool) if p.key == "energy/total_kwh"}
+    killed = {p.step: p.value for p in _spool_points(spool) if p.key == "energy/total_j"}
     killed_steps = {p.step for p in _spool_points(spool) if p.key == "energy/step_j"}
     last_killed = max(killed)
-    assert 20 < last_killed <= 25
+    assert 20 <= last_killed <= 24
     killed_step_j = {p.step: p.value for p in _spool_points(spool) if p.key == "energy/step_j"}
 
     # `wattlog sync` recovers the killed process's spool: every point it logged, once
@@ -135,34 +138,36 @@ def test_sigkill_mid_epoch_then_resume_continues_totals_without_double_points(tm
     assert "sent 0 points" in _sync(spool, mlflow_uri, tmp_path)  # nothing left, nothing doubled
 
     run = client.get_run(run_id)
-    for key in PER_STEP:  # exactly one point per (key, step); total/emissions also get the run total
+    for key in PER_STEP:  # exactly one point per (key, step); total/emissions also get the run total at 40
         counts = _counts(client, run_id, key)
-        assert sorted(counts) == list(range(1, 41)), key
-        extra = {s: n for s, n in counts.items() if n > 1}
-        assert not extra or (key in ("energy/total_kwh", "energy/emissions_g") and set(extra) == {40}), (key, extra)
+        final = [40] if key in ("energy/total_j", "energy/emissions_g") else []
+        assert sorted(counts) == list(range(40)) + final, key
+        assert max(counts.values()) == 1, key
+    totals = [m.value for m in sorted(client.get_metric_history(run_id, "energy/total_j"), key=lambda m: m.step)]
+    assert totals == sorted(totals)  # never decreases, across the kill too
     # re-run steps keep the first (killed attempt's) value
     hist = {m.step: m.value for m in client.get_metric_history(run_id, "energy/step_j")}
-    for step in range(21, last_killed + 1):
+    for step in range(20, last_killed + 1):
         assert hist[step] == pytest.approx(killed_step_j[step])
 
-    # energy/total_kwh continues from the checkpoint: checkpoint total + what the resumed attempt measured
+    # energy/total_j continues: what the killed attempt had logged + everything the resumed attempt measured
     trace_path = client.download_artifacts(run_id, "energy/trace.csv", str(tmp_path / "dl"))
     with open(trace_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["attempt"] for r in rows} == {"2"} and min(int(r["step"]) for r in rows if r["stage"] == "train") == 21
-    total_kwh = run.data.metrics["energy/total_kwh"]
-    assert total_kwh * 3.6e6 == pytest.approx(ckpt_j + sum(float(r["total_j"]) for r in rows), rel=1e-9)
-    assert total_kwh * 3.6e6 == pytest.approx(resumed["state"]["total_j"], rel=1e-9)
-    # ~100 W x 0.02 s x 40 steps + overhead: not restarted from zero, not continued from the killed value
-    assert ckpt_j < total_kwh * 3.6e6 < ckpt_j + 20 * 2.0 * 3
-    # the killed attempt's energy after the checkpoint is reported apart, never added to the total
-    wasted_kwh = killed[last_killed] - ckpt_j / 3.6e6
-    assert wasted_kwh > 0
-    assert run.data.metrics["energy/rerun_kwh"] == pytest.approx(wasted_kwh, rel=1e-6)
+    assert {r["attempt"] for r in rows} == {"2"} and min(int(r["step"]) for r in rows if r["stage"] == "train") == 20
+    total_j = run.data.metrics["energy/total_j"]
+    assert total_j == pytest.approx(max(killed.values()) + sum(float(r["total_j"]) for r in rows), rel=1e-9)
+    assert total_j == pytest.approx(resumed["state"]["total_j"], rel=1e-9)
+    # ~100 W x 0.02 s x 40 steps + overhead: not restarted from zero
+    assert ckpt_j < total_j < ckpt_j + 20 * 2.0 * 6
+    # the killed attempt's energy after the checkpoint is spent for nothing: reported as rerun_j
+    wasted_j = max(killed.values()) - ckpt_j
+    assert wasted_j > 0
+    assert run.data.metrics["energy/rerun_j"] == pytest.approx(wasted_j, rel=1e-6)
     tags = run.data.tags
     assert tags["energy.attempts"] == "2"
     assert tags["energy.attempt.1"].endswith("start_step=0")
-    assert f"start_step=20 rerun_steps=21-{last_killed} " in tags["energy.attempt.2"]
+    assert f"start_step=20 rerun_steps=20-{last_killed} " in tags["energy.attempt.2"]
     attempts = resumed["state"]["attempts"]
     assert [a["start_step"] for a in attempts] == [0, 20] and attempts[0]["id"] != attempts[1]["id"]
 
@@ -197,7 +202,7 @@ def test_ddp_rank_stall_and_crash_never_hang_in_wattlog(tmp_path, mlflow_uri):
     assert run.data.tags["energy.partial"].startswith("a wattlog collective failed on rank 0")
     for key in ("energy/step_j", "energy/gpu_power_w"):
         counts = _counts(client, run_id, key)
-        assert sorted(counts) == list(range(1, 13)) and max(counts.values()) == 1, key
+        assert sorted(counts) == list(range(12)) and max(counts.values()) == 1, key
     power = {m.step: m.value for m in client.get_metric_history(run_id, "energy/gpu_power_w")}
     assert power[1] == pytest.approx(150.0, rel=0.1)  # both ranks' GPUs while collecting
     assert power[11] == pytest.approx(100.0, rel=0.1)  # rank 0's own GPU after the timeout
