@@ -6,7 +6,6 @@ import math
 import re
 
 import pytest
-
 from wattlog import render
 from wattlog.render import (
     MINUS,
@@ -104,6 +103,8 @@ def test_unknown_unit() -> None:
         (format_percent, 6.43, "+6.4 %"),
         (format_percent, 0.43, "+0.43 %"),
         (format_percent, 0.0, "0 %"),
+        (format_percent, -99.992, f"{MINUS}99.99 %"),
+        (format_percent, -100.0, f"{MINUS}100 %"),
         (format_number, 0.8125, "0.8125"),
         (format_number, 0.81, "0.81"),
         (format_number, 123456.0, "123456"),

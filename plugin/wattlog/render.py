@@ -48,7 +48,7 @@ ENERGY_UNITS: dict[str, float] = {
 
 
 def is_number(value: object) -> bool:
-    """True for a finite number or numeric string (``"1.5"``, as read from a CSV); False for bools and None."""
+    """True for a finite number or numeric string (``"1.5"``, from a CSV); False for bools and None."""
     if isinstance(value, bool) or value is None:
         return False
     try:
@@ -80,7 +80,11 @@ def significant(x: float, sig: int = 3) -> str:
     ax = abs(x)
     if ax < 1e-4:
         mantissa, exp = f"{ax:.{sig - 1}e}".split("e")
-        return f"{sign}{mantissa}e{MINUS}{int(exp[1:])}" if exp.startswith("-") else f"{sign}{mantissa}e{int(exp)}"
+        return (
+            f"{sign}{mantissa}e{MINUS}{int(exp[1:])}"
+            if exp.startswith("-")
+            else f"{sign}{mantissa}e{int(exp)}"
+        )
     d = _decimals(ax, sig)
     text = f"{ax:.{d}f}"
     if _decimals(float(text), sig) < d:  # rounding carried into a new digit: 9.996 -> 10.00 -> 10.0
@@ -256,6 +260,10 @@ def format_percent(pct: float | None, *, signed: bool = True) -> str:
         return "0 %"
     ap = abs(p)
     text = f"{ap:.0f}" if ap >= 9.95 else significant(ap, 2)
+    digits = 0
+    while ap < 100 and float(text) >= 100 and digits < 4:  # -99.992 % is not -100 %
+        digits += 1
+        text = f"{ap:.{digits}f}"
     sign = (MINUS if p < 0 else "+") if signed else (MINUS if p < 0 else "")
     return f"{sign}{text} %"
 
