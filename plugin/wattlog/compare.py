@@ -19,6 +19,7 @@ Module-level imports are cheap: pandas, mlflow and rich are imported inside func
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import math
 import os
@@ -1164,8 +1165,9 @@ def print_table(
     natural = sum(max([_cell_len(h), *(_cell_len(r[i]) for r in rows)]) for i, h in enumerate(headers))
     natural += 2 * (len(headers) - 1)
     console_width = max(natural, fit) if wide else fit
+    out = file if is_tty else io.StringIO()  # piped: trailing spaces stripped below
     console = Console(
-        file=file,
+        file=out,
         width=console_width,
         highlight=False,
         soft_wrap=False,
@@ -1200,6 +1202,8 @@ def print_table(
     console.print(table)
     for note in notes:
         console.print(note, overflow="fold", markup=False)
+    if not is_tty:
+        file.write("".join(line.rstrip() + "\n" for line in out.getvalue().splitlines()))
 
 
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
