@@ -1076,9 +1076,11 @@ def footnotes(
         base = groups[groups["is_baseline"]] if "is_baseline" in groups.columns else groups.iloc[0:0]
         if len(base):
             rid = groups.attrs.get("baseline_run_id", "")
+            in_noise = [c for c in groups.columns if c.startswith("delta_") and c.endswith("_in_noise")]
+            noisy = any(bool(v) for c in in_noise for v in groups[c])
             notes.append(
-                f"Δ vs baseline {base.iloc[0]['run_name']} ({str(rid)[:8]}); "
-                f"{IN_NOISE}: inside the run-to-run spread, not a real difference"
+                f"Δ vs baseline {base.iloc[0]['run_name']} ({str(rid)[:8]})"
+                + (f"; {IN_NOISE}: inside the run-to-run spread, not a real difference" if noisy else "")
             )
     notes.extend(
         f"{k}: {v}"
