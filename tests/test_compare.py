@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+import re
 import socket
 from pathlib import Path
 
@@ -14,22 +15,23 @@ import pytest
 pd = pytest.importorskip("pandas")
 mlflow = pytest.importorskip("mlflow")
 
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-
-from wattlog.compare import (  # noqa: E402
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from wattlog.compare import (
     compare_runs,
     energy_to_target,
+    interpolate_cumulative,
     interpolate_kwh,
     redact_uri,
     register_cli,
     to_markdown,
 )
-from wattlog.errors import ConfigError  # noqa: E402
+from wattlog.errors import ConfigError
 
 T0_MS = 1_700_000_000_000
+KWH = 3.6e6  # joules
 
-# name: (total_kwh, val_acc, val_loss, estimated tag or None, params)
+# name: (total energy in kWh (logged as joules), val_acc, val_loss, estimated tag or None, params)
 RUNS_A = {
     "base": (0.010, 0.80, 0.50, "cpu,ram", {"lr": "0.1", "prune": "0.0"}),
     "pruned": (0.006, 0.78, 0.40, "cpu,ram", {"lr": "0.1", "prune": "0.3"}),
@@ -43,12 +45,14 @@ FRONT_MAX_ACC = {"pruned", "base", "big", "tie"}
 FRONT_MIN_LOSS = {"pruned", "dominated"}
 
 
-def _energy_metrics(total: float, ts: int) -> list[Metric]:
+def _energy_metrics(total: float, ts: int, legacy: bool = False) -> list[Metric]:
+    """Summary metrics of a run of ``total`` kWh: joule keys, or the kWh keys of wattlog < 0.2."""
+    scale, suffix = (1.0, "kwh") if legacy else (KWH, "j")
     values = {
-        "energy/total_kwh": total,
-        "energy/gpu_kwh": total * 0.8,
-        "energy/cpu_kwh": total * 0.15,
-        "energy/ram_kwh": total * 0.05,
+        f"energy/total_{suffix}": total * scale,
+        f"energy/gpu_{suffix}": total * 0.8 * scale,
+        f"energy/cpu_{suffix}": total * 0.15 * scale,
+        f"energy/ram_{suffix}": total * 0.05 * scale,
         "energy/emissions_g": total * 475.0,
         "energy/j_per_sample": total * 3.6e6 / 1000,
         "energy/test_j_per_sample": total * 3.6e6 / 2000,
@@ -88,11 +92,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i, (name, (total, acc, loss, est, params)) in enumerate(RUNS_A.items()):
         ts = T0_MS + i * 1000
         metrics = [Metric("val_acc", acc, ts, 100), Metric("val_loss", loss, ts, 100)]
-        all_params = dict(params)
+        all_params = {**params, "variant": name}  # every run its own config: no replicates here
         tags = {}
         if total is not None:
             metrics += _energy_metrics(total, ts)
-            all_params.update({"energy.cpu_method": "estimate", "energy.ram_method": "estimate"})
+            all_params.update(
+                {
+                    "energy.cpu_method": "estimate",
+                    "energy.ram_method": "estimate",
+                    "energy.gpu_method": "counter",
+                }
+            )
             tags["energy.estimated"] = est
         ids[name] = _add_run(client, exp_a, name, ts, metrics, all_params, tags)
     exp_b = client.create_experiment("exp-b", artifact_location=str(root / "artifacts"))
@@ -106,11 +116,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     exp_h = client.create_experiment("exp-hist", artifact_location=str(root / "artifacts"))
     hist = [Metric("val_acc", v, T0_MS + s, s) for s, v in [(10, 0.5), (20, 0.7), (30, 0.86), (40, 0.9)]]
     hist += [Metric("val_loss", v, T0_MS + s, s) for s, v in [(10, 0.9), (20, 0.5), (30, 0.3), (40, 0.2)]]
-    hist += [
-        Metric("energy/total_kwh", v, T0_MS + s, s)
-        for s, v in [(5, 0.001), (15, 0.003), (25, 0.005), (35, 0.007)]
-    ]
-    ids["hist"] = _add_run(client, exp_h, "hist", T0_MS + 200_000, hist, {}, {"energy.estimated": "none"})
+    energy_hist = [(5, 0.001), (15, 0.003), (25, 0.005), (35, 0.007)]
+    joules = [Metric("energy/total_j", v * KWH, T0_MS + s, s) for s, v in energy_hist]
+    ids["hist"] = _add_run(
+        client, exp_h, "hist", T0_MS + 200_000, hist + joules, {}, {"energy.estimated": "none"}
+    )
+    # wattlog < 0.2: the same run logged in kWh
+    exp_l = client.create_experiment("exp-legacy", artifact_location=str(root / "artifacts"))
+    kwh = [Metric("energy/total_kwh", v, T0_MS + s, s) for s, v in energy_hist]
+    ids["legacy_hist"] = _add_run(client, exp_l, "legacy_hist", T0_MS + 300_000, hist + kwh, {}, {})
+    for i, (name, total, acc) in enumerate([("old1", 0.002, 0.7), ("old2", 0.001, 0.6)]):
+        ts = T0_MS + 301_000 + i * 1000
+        metrics = [Metric("val_acc", acc, ts, 100), *_energy_metrics(total, ts, legacy=True)]
+        ids[name] = _add_run(
+            client, exp_l, name, ts, metrics, {"variant": name}, {"energy.estimated": "none"}
+        )
     return {"uri": uri, "ids": ids, "client": client}
 
 
@@ -130,10 +150,10 @@ def test_columns_and_values(store: dict) -> None:
         "experiment",
         "status",
         "duration_s",
-        "total_kwh",
-        "gpu_kwh",
-        "cpu_kwh",
-        "ram_kwh",
+        "total_j",
+        "gpu_j",
+        "cpu_j",
+        "ram_j",
         "emissions_g",
         "j_per_sample",
         "test_j_per_sample",
@@ -141,13 +161,21 @@ def test_columns_and_values(store: dict) -> None:
         "val_acc",
         "pareto",
         "estimated",
+        "short_run",
+        "degraded",
+        "gpu_measured",
         "missing_energy",
+        "group",
+        "group_size",
     ]:
         assert col in df.columns, col
-    assert "delta_kwh" not in df.columns  # no baseline asked
+    assert not any("kwh" in c for c in df.columns)
+    assert "delta_j" not in df.columns  # no baseline asked
     row = by_name(df).loc["base"]
-    assert row["total_kwh"] == pytest.approx(0.010)
-    assert row["gpu_kwh"] == pytest.approx(0.008)
+    assert row["total_j"] == pytest.approx(0.010 * KWH)
+    assert row["gpu_j"] == pytest.approx(0.008 * KWH)
+    assert bool(row["gpu_measured"]) and not bool(row["short_run"]) and row["degraded"] == ""
+    assert df["group_size"].eq(1).all()
     assert row["emissions_g"] == pytest.approx(4.75)
     assert row["j_per_sample"] == pytest.approx(36.0)
     assert row["test_j_per_sample"] == pytest.approx(18.0)
@@ -161,11 +189,21 @@ def test_columns_and_values(store: dict) -> None:
     assert "params.lr" not in df.columns and "params.energy.cpu_method" not in df.columns
 
 
+def test_legacy_kwh_runs_are_read_in_joules(store: dict) -> None:
+    df = by_name(compare_runs("exp-legacy", metric="val_acc", baseline="old1", tracking_uri=store["uri"]))
+    assert df.loc["old1", "total_j"] == pytest.approx(0.002 * KWH)
+    assert df.loc["old1", "cpu_j"] == pytest.approx(0.0003 * KWH)
+    assert df.loc["old2", "delta_j_pct"] == pytest.approx(-50.0)
+    assert df.loc["legacy_hist", "total_j"] == pytest.approx(0.007 * KWH)
+    got = energy_to_target(store["ids"]["legacy_hist"], "val_acc", 0.85, tracking_uri=store["uri"])
+    assert got == pytest.approx(0.006 * KWH)
+
+
 def test_missing_energy_shown_flagged_off_front(store: dict) -> None:
     df = by_name(compare_runs("exp-a", metric="val_acc", tracking_uri=store["uri"]))
     row = df.loc["noenergy"]
     assert bool(row["missing_energy"]) and not bool(row["pareto"])
-    assert math.isnan(row["total_kwh"]) and row["val_acc"] == pytest.approx(0.99)
+    assert math.isnan(row["total_j"]) and row["val_acc"] == pytest.approx(0.99)
     assert row["duration_s"] == pytest.approx(60.0)  # falls back to the run's wall time
     assert not df.drop(index="noenergy")["missing_energy"].any()
 
@@ -196,12 +234,12 @@ def test_baselines(store: dict, baseline: str | None, base_name: str) -> None:
     assert df.attrs["baseline_run_name"] == base_name
     for name, (total, acc, *_rest) in RUNS_A.items():
         if total is None:
-            assert math.isnan(df.loc[name, "delta_kwh"]) and math.isnan(df.loc[name, "delta_kwh_pct"])
+            assert math.isnan(df.loc[name, "delta_j"]) and math.isnan(df.loc[name, "delta_j_pct"])
         else:
-            assert df.loc[name, "delta_kwh"] == pytest.approx(total - base_kwh)
-            assert df.loc[name, "delta_kwh_pct"] == pytest.approx(100 * (total - base_kwh) / base_kwh)
+            assert df.loc[name, "delta_j"] == pytest.approx((total - base_kwh) * KWH)
+            assert df.loc[name, "delta_j_pct"] == pytest.approx(100 * (total - base_kwh) / base_kwh)
         assert df.loc[name, "delta_val_acc"] == pytest.approx(acc - base_acc)
-    assert df.loc[base_name, "delta_kwh"] == 0
+    assert df.loc[base_name, "delta_j"] == 0
 
 
 def test_best_baseline_min_mode_skips_runs_without_energy(store: dict) -> None:
@@ -244,7 +282,7 @@ def test_api_errors(store: dict) -> None:
 
 
 def test_paging_over_several_pages(store: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import wattlog.compare as compare
+    from wattlog import compare
 
     monkeypatch.setattr(compare, "PAGE_SIZE", 2)
     df = compare_runs("exp-a", metric="val_acc", tracking_uri=store["uri"])
@@ -255,9 +293,10 @@ def test_paging_over_several_pages(store: dict, monkeypatch: pytest.MonkeyPatch)
 # ------------------------------------------------------------------------------ energy-to-target
 
 
-def test_interpolate_kwh_rules() -> None:
+def test_interpolate_rules() -> None:
+    assert interpolate_kwh is interpolate_cumulative  # the old name still works
     pts = [(5, 0.001), (15, 0.003), (25, 0.005)]
-    assert interpolate_kwh(pts, 20) == pytest.approx(0.004)
+    assert interpolate_cumulative(pts, 20) == pytest.approx(0.004)
     assert interpolate_kwh(pts, 15) == pytest.approx(0.003)
     assert interpolate_kwh(pts, 2) == pytest.approx(0.0004)  # from (0, 0)
     assert interpolate_kwh(pts, 99) == pytest.approx(0.005)  # after the last point: the last value
@@ -282,13 +321,13 @@ def test_energy_to_target(store: dict, metric: str, value: float, mode: str, exp
     if math.isnan(expected_kwh):
         assert math.isnan(got)
     else:
-        assert got == pytest.approx(expected_kwh)
+        assert got == pytest.approx(expected_kwh * KWH)
 
 
 def test_target_column(store: dict) -> None:
     df = compare_runs("exp-hist", metric="val_acc", target=0.85, tracking_uri=store["uri"])
-    assert df.loc[0, "kwh_to_target"] == pytest.approx(0.006)
-    assert df.loc[0, "total_kwh"] == pytest.approx(0.007)  # latest value, not the history
+    assert df.loc[0, "j_to_target"] == pytest.approx(0.006 * KWH)
+    assert df.loc[0, "total_j"] == pytest.approx(0.007 * KWH)  # latest value, not the history
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -334,49 +373,63 @@ def test_cli_csv_and_json_parse_back(store: dict, capsys: pytest.CaptureFixture)
         for name, (total, acc, *_rest) in RUNS_A.items():
             assert df.loc[name, "val_acc"] == pytest.approx(acc)
             if total is None:
-                assert pd.isna(df.loc[name, "total_kwh"]) and bool(df.loc[name, "missing_energy"])
+                assert pd.isna(df.loc[name, "total_j"]) and bool(df.loc[name, "missing_energy"])
             else:
-                assert df.loc[name, "total_kwh"] == pytest.approx(total, rel=1e-12)
-                assert df.loc[name, "delta_kwh"] == pytest.approx(total - 0.010, abs=1e-15)
+                assert df.loc[name, "total_j"] == pytest.approx(total * KWH, rel=1e-12)
+                assert df.loc[name, "delta_j"] == pytest.approx((total - 0.010) * KWH, abs=1e-6)
         assert {n for n in df.index if bool(df.loc[n, "pareto"])} == FRONT_MAX_ACC
+        assert {n for n in df.index if bool(df.loc[n, "group_pareto"])} == FRONT_MAX_ACC
 
 
 def test_cli_table_and_markdown(store: dict, capsys: pytest.CaptureFixture) -> None:
-    argv = [
-        "compare",
-        "-e",
-        "exp-a",
-        "--metric",
-        "val_acc",
-        "--baseline",
-        "first",
-        "--tracking-uri",
-        store["uri"],
-    ]
-    rc, out, _ = run_cli(argv, capsys)
+    argv = ["compare", "-e", "exp-a", "--metric", "val_acc", "--tracking-uri", store["uri"]]
+    rc, out, _ = run_cli(argv, capsys)  # baseline "first" by default
     assert rc == 0
-    for text in [
-        "kWh",
-        "gCO2e",
-        "J/sample",
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    assert header.split() == [
+        "run",
+        "energy",
+        "Δ",
+        "energy",
         "val_acc",
-        "Δ kWh",
+        "Δ",
+        "val_acc",
         "★",
-        "0.01*",
-        "estimated",
-        "pareto",
-        "prune",
-    ]:
-        assert text in out, text
-    noenergy = next(line for line in out.splitlines() if "noenergy" in line)
-    assert "—" in noenergy and "★" not in noenergy
+        "note",
+        *header.split()[9:],
+    ]
+    rows = {
+        line.split()[0]: line
+        for line in lines[lines.index(header) + 2 :]
+        if line.split() and line.split()[0] in RUNS_A
+    }
+    assert set(rows) == set(RUNS_A)
+    assert "36.0 kJ" in rows["base"] and "base" in rows["base"].split() and "est" in rows["base"]
+    assert "72.0 kJ" in rows["big"] and "+100 %" in rows["big"] and "★" in rows["big"]
+    assert "21.6 kJ" in rows["measured"] and "est" not in rows["measured"]
+    assert "—" in rows["noenergy"] and "★" not in rows["noenergy"]
+    assert "kWh" not in out and not re.search(r"(?<![\d.])0\.0+(?!\d)", " ".join(rows.values()))  # no 0.000
+    assert any(line.startswith("★ Pareto front") for line in lines)
+    assert any(line.startswith("est: includes estimated energy") for line in lines)
+    assert lines[-1].startswith("best trade-off: ")
+    assert all(len(line) <= 100 for line in lines)
+
     rc, out, _ = run_cli([*argv, "--format", "markdown", "--sort", "metric"], capsys)
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].startswith("| run | kWh |") and lines[1].startswith("|---|")
+    assert lines[0].startswith(
+        "| run | energy | Δ energy | val_acc | Δ val_acc | ★ | note | GPU | CPU | RAM |"
+    )
+    assert lines[1].startswith("|---|--:|")
     assert lines[2].startswith("| noenergy |")  # best val_acc first
     big = next(line for line in lines if line.startswith("| big |"))
-    assert "+100%" in big and "★" in big
+    assert "+100 %" in big and "★" in big and "57.6 kJ" in big  # GPU: 0.8 of 72 kJ
+
+    rc, out, _ = run_cli([*argv, "--unit", "kWh"], capsys)
+    assert rc == 0 and "0.0100 kWh" in out and "0.0200 kWh" in out
+    rc, _, err = run_cli([*argv, "--unit", "kwh"], capsys)
+    assert rc == 2 and "unit='kwh' is not valid" in err
 
 
 def test_cli_plot_and_target(store: dict, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -404,7 +457,7 @@ def test_cli_plot_and_target(store: dict, capsys: pytest.CaptureFixture, tmp_pat
     assert rc == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     df = pd.read_csv(io.StringIO(out)).set_index("run_name")
-    assert df.loc["hist", "kwh_to_target"] == pytest.approx(0.006)
+    assert df.loc["hist", "j_to_target"] == pytest.approx(0.006 * KWH)
 
 
 def test_cli_params_option(store: dict, capsys: pytest.CaptureFixture) -> None:
@@ -465,13 +518,15 @@ def test_markdown_marks_estimated_and_missing(store: dict) -> None:
     md = to_markdown(df, "val_acc")
     measured = next(line for line in md.splitlines() if line.startswith("| measured |"))
     base = next(line for line in md.splitlines() if line.startswith("| base |"))
-    assert "0.006 |" in measured and "0.01* |" in base and "* includes estimated" in md
+    noenergy = next(line for line in md.splitlines() if line.startswith("| noenergy |"))
+    assert "| 21.6 kJ |" in measured and "| est |" not in measured
+    assert "| 36.0 kJ |" in base and "| est |" in base and "est: includes estimated energy" in md
+    assert "| — |" in noenergy and "logged no energy" in md
 
 
 def test_sweep_parent_run_is_not_a_row(tmp_path):
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-
     from wattlog.compare import compare_runs
 
     uri = f"sqlite:///{tmp_path / 'parent.db'}"
@@ -481,7 +536,7 @@ def test_sweep_parent_run_is_not_a_row(tmp_path):
     children = []
     for i, (kwh, acc) in enumerate([(0.2, 0.8), (0.1, 0.7)]):
         rid = client.create_run(exp, tags={"mlflow.parentRunId": parent}, run_name=f"job{i}").info.run_id
-        client.log_batch(rid, metrics=[Metric("energy/total_kwh", kwh, 0, 1), Metric("acc", acc, 0, 1)])
+        client.log_batch(rid, metrics=[Metric("energy/total_j", kwh * KWH, 0, 1), Metric("acc", acc, 0, 1)])
         children.append(rid)
     df = compare_runs("sweep-exp", metric="acc", tracking_uri=uri)
     assert sorted(df["run_id"]) == sorted(children)

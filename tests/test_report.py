@@ -12,14 +12,14 @@ pd = pytest.importorskip("pandas")
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("matplotlib")
 
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-
-from wattlog.plots import domain_power_w, plot_pareto, plot_power_trace  # noqa: E402
-from wattlog.report import build_report, register_cli  # noqa: E402
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from wattlog.plots import domain_power_w, plot_pareto, plot_power_trace
+from wattlog.report import build_report, register_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T0_MS = 1_700_000_000_000
+KWH = 3.6e6
 
 
 def trace_rows(n: int = 20) -> list[dict]:
@@ -63,17 +63,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("rep", artifact_location=str(root / "artifacts"))
-    steps = range(0, 20)
-    summary = {
-        "energy/total_kwh": 0.0012,
-        "energy/gpu_kwh": 0.001,
-        "energy/cpu_kwh": 0.00015,
-        "energy/ram_kwh": 0.00005,
+    steps = range(20)
+    kwh = {"total": 0.0012, "gpu": 0.001, "cpu": 0.00015, "ram": 0.00005, "train": 0.0011}
+    other = {
         "energy/emissions_g": 0.57,
         "energy/avg_power_w": 250.0,
         "energy/duration_s": 17.3,
         "energy/j_per_sample": 3.9,
-        "energy/train_kwh": 0.0011,
+    }
+    summaries = {  # "traced" logs joules; "plain" is a run of wattlog < 0.2, in kWh
+        "traced": {**{f"energy/{k}_j": v * KWH for k, v in kwh.items()}, **other},
+        "plain": {**{f"energy/{k}_kwh": v for k, v in kwh.items()}, **other},
     }
     params = {
         "energy.gpu_model": "FakeGPU",
@@ -90,9 +90,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         run = client.create_run(exp, start_time=T0_MS, run_name=name)
         metrics = [Metric("energy/power_w", 250.0, T0_MS + s, s) for s in steps]
         metrics += [Metric("energy/gpu_power_w", 200.0, T0_MS + s, s) for s in steps]
-        metrics += [Metric("energy/total_kwh", 0.00006 * (s + 1), T0_MS + s, s) for s in steps]
+        if name == "traced":
+            metrics += [Metric("energy/total_j", 216.0 * (s + 1), T0_MS + s, s) for s in steps]
+        else:
+            metrics += [Metric("energy/total_kwh", 0.00006 * (s + 1), T0_MS + s, s) for s in steps]
         metrics += [Metric("val_acc", 0.5 + 0.02 * s, T0_MS + s, s) for s in (4, 9, 14, 19)]
-        metrics += [Metric(k, v, T0_MS + 100, 19) for k, v in summary.items()]
+        metrics += [Metric(k, v, T0_MS + 100, 19) for k, v in summaries[name].items()]
         client.log_batch(
             run.info.run_id,
             metrics=metrics,
@@ -150,9 +153,13 @@ def test_report_from_trace_artifact_and_log(store: dict, tmp_path: Path) -> None
     assert rep.png_path.read_bytes()[:8] == PNG_MAGIC and rep.png_path.name == "report.png"
     text = rep.summary_path.read_text()
     assert text == rep.summary
-    assert "0.0012 kWh*" in text and "gpu 0.001 [counter]" in text and "cpu 0.00015* [estimate]" in text
-    assert "0.57 gCO2e*" in text and "FakeGPU x1" in text and "val_acc = 0.88 (last)" in text
-    assert "energy/trace.csv (20 steps)" in text  # train rows only
+    assert (
+        "energy     4.32 kJ*" in text and "gpu 3.60 kJ [counter]" in text and "cpu 540 J* [estimate]" in text
+    )
+    assert "570 mgCO2e*" in text and "FakeGPU x1" in text and "val_acc = 0.88 (last)" in text
+    assert "train 3.96 kJ (3.90 J/sample)" in text and "avg 250 W over 17.3 s" in text
+    assert "energy/trace.csv (20 train steps)" in text  # steps, not rows
+    assert "kWh" not in text.replace("g/kWh", "")
     logged = {a.path for a in store["client"].list_artifacts(run_id, "energy")}
     assert "energy/report.png" in logged
 
@@ -187,7 +194,7 @@ def test_cli_report(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture) 
         capsys,
     )
     assert rc == 0, err
-    assert "0.0012 kWh*" in out and (tmp_path / "r" / "report.png").exists()
+    assert "energy     4.32 kJ*" in out and (tmp_path / "r" / "report.png").exists()  # legacy kWh keys
     assert (tmp_path / "r" / "summary.txt").read_text() == out
 
 
@@ -206,3 +213,176 @@ def test_cli_report_errors(
         ["report", run_id, "--out", str(tmp_path), *extra, "--tracking-uri", store["uri"]], capsys
     )
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ what the charts say
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The matplotlib figures wattlog.plots saves (to read their titles, labels and legends)."""
+    from wattlog import plots
+
+    saved = []
+    real_save = plots._save
+
+    def capture(fig, path):
+        saved.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    return saved
+
+
+def _texts(fig) -> list[str]:
+    out = [t.get_text() for t in fig.texts]
+    if fig._supxlabel is not None:
+        out.append(fig._supxlabel.get_text())
+    if fig._suptitle is not None:
+        out.append(fig._suptitle.get_text())
+    for ax in fig.axes:
+        out += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        out += [t.get_text() for t in ax.texts]
+        legend = ax.get_legend()
+        if legend is not None:
+            out += [t.get_text() for t in legend.get_texts()]
+    return out
+
+
+def test_trace_layout_is_on_the_step_axis() -> None:
+    from wattlog.plots import trace_layout
+
+    layout = trace_layout(trace_rows())  # 20 train steps, 2 val rows after step 9 (22 rows)
+    assert layout.axis == "step" and layout.train_steps == 20
+    assert [(s.x0, s.x1) for s in layout.train[:2]] == [(-0.5, 0.5), (0.5, 1.5)]  # centred on steps 0, 1
+    (val,) = layout.other
+    assert val.stage == "val" and val.rows == 2 and val.x0 == 9.5  # at the step it ran after
+    assert layout.stage_totals_j == {"train": pytest.approx(2500.0), "val": pytest.approx(130.0)}
+    # binned rows (steps 1, 3, 5: two steps each) and gradient accumulation (two rows for step 7)
+    rows = [
+        {"stage": "train", "step": s, "t_start_s": i, "t_end_s": i + 1, "total_j": 10.0}
+        for i, s in enumerate([1, 3, 5, 7, 7])
+    ]
+    binned = trace_layout(rows)
+    assert binned.train_steps == 8 and len(binned.train) == 4
+    assert binned.train[0].x0 == -0.5 and binned.train[-1].total_j == 20.0
+
+
+def test_power_png_title_legend_and_estimate_note(tmp_path: Path, figures: list) -> None:
+    rows = trace_rows()
+    rows += [
+        {
+            "stage": "test",
+            "step": b,
+            "t_start_s": 100 + b,
+            "t_end_s": 100.5 + b,
+            "gpu0_j": 50.0,
+            "cpu_j": 10.0,
+            "ram_j": 5.0,
+            "power_w": 130.0,
+        }
+        for b in range(3)
+    ]
+    plot_power_trace(rows, tmp_path / "power.png", title="fit", estimated="cpu,ram")
+    texts = _texts(figures[-1])
+    assert "fit: 20 train steps + test, val, 2.83 kJ total" in texts  # steps, not the 25 rows
+    assert "gpu0 2.25 kJ" in texts and "cpu 450 J (estimated)" in texts and "ram 125 J (estimated)" in texts
+    assert "val 130 J (2 batches)" in texts and "test 195 J (3 batches)" in texts
+    assert any(t.startswith("estimated: cpu, ram (CPU from TDP × utilisation") for t in texts)
+    assert any(t.startswith("step") for t in texts)
+    plot_power_trace(trace_rows(), tmp_path / "measured.png")
+    assert not any(t.startswith("estimated") for t in _texts(figures[-1]))
+    ax = figures[-1].axes[0]
+    colors = {p.get_facecolor() for p in ax.patches}  # the val bar has its own colour
+    assert len(colors) >= 1
+
+
+def test_power_png_of_an_evaluation_run_uses_batches(tmp_path: Path, figures: list) -> None:
+    rows = [
+        {"stage": "test", "step": b, "t_start_s": b, "t_end_s": b + 0.25, "cpu_j": 1.0, "power_w": 4.0}
+        for b in range(16)
+    ]
+    plot_power_trace(rows, tmp_path / "power.png")
+    texts = _texts(figures[-1])
+    assert "power: 16 test batches, 16.0 J total" in texts
+    assert "batch (evaluation only: no train steps)" in texts
+
+
+def test_pareto_png_names_runs_and_scales_units(tmp_path: Path, figures: list) -> None:
+    df = pd.DataFrame(
+        {
+            "run_name": ["none-none", "none-int8_dynamic", "structured0.25heads-none"],
+            "total_j": [121.1, 40.3, 95.2],
+            "test_acc": [0.7852, 0.7813, 0.7227],
+            "estimated": ["cpu,ram"] * 3,
+        }
+    )
+    plot_pareto(df, "test_acc", "max", tmp_path / "pareto.png")
+    fig = figures[-1]
+    texts = _texts(fig)
+    assert {"none-none", "none-int8_dynamic", "structured0.25heads-none"} <= set(texts)
+    assert "energy (J), less is better" in texts
+    assert any(t.startswith("Pareto front (2 runs") for t in texts)
+    ax = fig.axes[0]
+    assert ax.xaxis.get_major_formatter().get_offset() == ""  # no 1e-6 offset above the ticks
+    df_kwh = pd.DataFrame({"label": ["a", "b"], "energy/total_kwh": [2e-7, 1e-6], "acc": [0.5, 0.6]})
+    plot_pareto(
+        df_kwh, "acc", "max", tmp_path / "legacy.png", energy_col="energy/total_kwh", label_col="label"
+    )
+    assert "energy (J), less is better" in _texts(figures[-1])  # 0.72 J and 3.6 J
+
+
+def test_report_of_an_evaluation_run(tmp_path: Path, figures: list) -> None:
+    uri = f"sqlite:///{tmp_path / 'eval.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ev", artifact_location=str(tmp_path / "a"))
+    rid = client.create_run(exp, run_name="int8-test").info.run_id
+    client.log_batch(
+        rid,
+        metrics=[
+            Metric(k, v, T0_MS, 0)
+            for k, v in {
+                "energy/total_j": 40.3,
+                "energy/test_j": 40.3,
+                "energy/test_j_per_sample": 0.157,
+                "test_acc": 0.78,
+                "energy/cpu_j": 36.0,
+                "energy/ram_j": 4.3,
+            }.items()
+        ],
+        tags=[RunTag("energy.estimated", "cpu,ram"), RunTag("energy.short_run", "cpu estimate: 1 s updates")],
+    )
+    rep = build_report(rid, tmp_path / "out", metric="test_acc", tracking_uri=uri)
+    assert rep.kind == "eval" and rep.png_path is not None and rep.png_path.read_bytes()[:8] == PNG_MAGIC
+    texts = _texts(figures[-1])
+    assert "energy per stage (evaluation run: no train steps)" in texts
+    assert "40.3 J, 157 mJ/sample" in texts
+    assert "test 40.3 J (157 mJ/sample)" in rep.summary and "evaluation only" in rep.summary
+    assert "short run  cpu estimate: 1 s updates" in rep.summary
+
+
+def test_report_of_a_sweep_parent(tmp_path: Path, capsys: pytest.CaptureFixture, figures: list) -> None:
+    uri = f"sqlite:///{tmp_path / 'sweep.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sw", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, run_name="sweep x", tags={"wattlog.role": "sweep"}).info.run_id
+    client.log_batch(parent, params=[Param("sweep.metric", "test_acc"), Param("sweep.mode", "max")])
+    empty = run_cli(["report", parent, "--out", str(tmp_path / "e"), "--tracking-uri", uri], capsys)
+    assert empty[0] == 0 and "no child runs" in empty[1]  # not an error, and no empty chart
+    for i, (name, joules, acc) in enumerate(
+        [("none-none", 121.1, 0.785), ("none-int8_dynamic", 40.3, 0.781)]
+    ):
+        rid = client.create_run(
+            exp, run_name=name, start_time=T0_MS + i, tags={"mlflow.parentRunId": parent}
+        ).info.run_id
+        client.log_batch(
+            rid,
+            metrics=[Metric("energy/total_j", joules, T0_MS, 0), Metric("test_acc", acc, T0_MS, 0)],
+            params=[Param("quantize", name)],
+        )
+    rc, out, err = run_cli(["report", parent, "--out", str(tmp_path / "s"), "--tracking-uri", uri], capsys)
+    assert rc == 0, err
+    assert "2 child runs" in out and "none-int8_dynamic" in out and "121 J" in out and "★" in out
+    assert "best trade-off: none-int8_dynamic" in out
+    assert (tmp_path / "s" / "report.png").read_bytes()[:8] == PNG_MAGIC
+    assert {"none-none", "none-int8_dynamic"} <= set(_texts(figures[-1]))

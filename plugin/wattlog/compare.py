@@ -5,23 +5,36 @@ It reads each run's *latest* metric values, params and tags with paged
 ``MlflowClient.search_runs`` calls (no per-step histories), so it stays fast on thousands of
 runs. ``energy_to_target`` is the one function that reads per-step histories.
 
+Energy is read in joules (``energy/total_j``, ...); runs logged by wattlog < 0.2 with the old
+``*_kwh`` keys are converted (:func:`wattlog.keys.read_j`). Human output (the table, Markdown,
+the verdict) is formatted by :mod:`wattlog.render`; csv/json keep SI units.
+
+Runs with the same params (seeds aside) are *replicates*: :func:`group_runs` folds them into one
+row with mean ± standard deviation, and differences inside that run-to-run spread are said to
+be so (never starred as a Pareto win, never called the best trade-off).
+
 Module-level imports are cheap: pandas, mlflow and rich are imported inside functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import math
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from wattlog import keys, render
 from wattlog.errors import ConfigError
-from wattlog.pareto import pareto_mask
+from wattlog.pareto import pareto_mask, pareto_mask_noisy
+from wattlog.units import J_PER_KWH
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -30,35 +43,46 @@ if TYPE_CHECKING:  # pragma: no cover
 PAGE_SIZE = 5000
 """Runs per ``search_runs`` page (the MLflow server and sqlite store accept up to 50,000)."""
 
-ENERGY_COLUMNS: dict[str, str] = {
-    "total_kwh": "energy/total_kwh",
-    "gpu_kwh": "energy/gpu_kwh",
-    "cpu_kwh": "energy/cpu_kwh",
-    "ram_kwh": "energy/ram_kwh",
-    "emissions_g": "energy/emissions_g",
-    "j_per_sample": "energy/j_per_sample",
-    "test_j_per_sample": "energy/test_j_per_sample",
-    "avg_power_w": "energy/avg_power_w",
-}
-"""DataFrame column -> MLflow metric key (latest value)."""
+T_SHORT_RUN = getattr(keys, "T_SHORT_RUN", "energy.short_run")
+"""Tag set on a run shorter than its energy method can resolve (its value says why)."""
+T_ROLE = "wattlog.role"
 
-BASE_COLUMNS = ["run_id", "run_name", "experiment", "status", "start_time", "duration_s", *ENERGY_COLUMNS]
+ENERGY_COLUMNS: dict[str, str] = {
+    "total_j": keys.TOTAL_J,
+    "gpu_j": keys.kind_j("gpu"),
+    "cpu_j": keys.kind_j("cpu"),
+    "ram_j": keys.kind_j("ram"),
+    "emissions_g": keys.EMISSIONS_G,
+    "j_per_sample": keys.stage_j_per_sample("train"),
+    "test_j_per_sample": keys.stage_j_per_sample("test"),
+    "avg_power_w": keys.AVG_POWER_W,
+}
+"""DataFrame column -> MLflow metric key (latest value; joule keys also read from legacy kWh keys)."""
+
+NUMERIC_COLUMNS = ("duration_s", *ENERGY_COLUMNS)
+BASE_COLUMNS = ["run_id", "run_name", "experiment", "status", "start_time", *NUMERIC_COLUMNS]
+FLAG_COLUMNS = ["estimated", "short_run", "degraded", "gpu_measured", "missing_energy"]
 MODES = ("max", "min")
 SORT_KEYS: dict[str, str] = {
-    "kwh": "total_kwh",
+    "energy": "total_j",
+    "kwh": "total_j",
     "emissions": "emissions_g",
     "power": "avg_power_w",
     "j_per_sample": "j_per_sample",
     "duration": "duration_s",
     "name": "run_name",
     "start": "start_time",
-    "delta": "delta_kwh",
+    "delta": "delta_j",
     "metric": "<metric>",
-    "target": "kwh_to_target",
+    "target": "j_to_target",
 }
-"""``--sort`` keys -> columns; ``metric`` sorts best first, the others ascending."""
+"""``--sort`` keys -> columns; ``metric`` sorts best first, the others ascending (``kwh`` = ``energy``)."""
 
-_ESTIMATED_PARAMS = {"cpu": "energy.cpu_method", "ram": "energy.ram_method", "gpu": "energy.gpu_method"}
+SEED_PARAM = re.compile(r"(?i)(^|[._/-])(seed|random_state|run_seed)$")
+"""Params that tell replicates apart and are ignored when grouping (``seed``, ``data.seed``, ...)."""
+
+_ESTIMATED_PARAMS = {"cpu": keys.P_CPU_METHOD, "ram": keys.P_RAM_METHOD, "gpu": keys.P_GPU_METHOD}
+_NO = ("", "none", "false", "0", "no")
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +93,7 @@ _ESTIMATED_PARAMS = {"cpu": "energy.cpu_method", "ram": "energy.ram_method", "gp
 def compare_runs(
     experiments: str | Sequence[str] | None = None,
     runs: Sequence[str] | None = None,
-    filter: str | None = None,  # noqa: A002 - the documented keyword
+    filter: str | None = None,  # the documented keyword (shadows the builtin)
     metric: str | None = None,
     mode: str = "max",
     baseline: str | None = None,
@@ -79,11 +103,12 @@ def compare_runs(
 ) -> pd.DataFrame:
     """One row per run: energy, emissions, the objective metric, deltas and the Pareto flag.
 
-    Reads each run's latest metrics (``energy/total_kwh``, ``energy/gpu_kwh``,
-    ``energy/cpu_kwh``, ``energy/ram_kwh``, ``energy/emissions_g``, ``energy/j_per_sample``,
-    ``energy/test_j_per_sample``, ``energy/avg_power_w``, ``energy/duration_s`` and ``metric``),
-    the ``energy.*_method`` params and the ``energy.estimated`` tag. Per-step histories are
-    read only when ``target`` is given.
+    Reads each run's latest metrics (``energy/total_j``, ``energy/gpu_j``, ``energy/cpu_j``,
+    ``energy/ram_j`` or their legacy ``*_kwh`` names, ``energy/emissions_g``,
+    ``energy/j_per_sample``, ``energy/test_j_per_sample``, ``energy/avg_power_w``,
+    ``energy/duration_s`` and ``metric``), the ``energy.*_method`` params and the
+    ``energy.estimated``, ``energy.short_run`` and ``energy.degraded`` tags. Per-step histories
+    are read only when ``target`` is given.
 
     Args:
         experiments: experiment name(s) or id(s). Required unless ``runs`` is given.
@@ -96,22 +121,28 @@ def compare_runs(
             earliest started run with energy) or ``best`` (best ``metric`` among runs with energy).
         tracking_uri: MLflow tracking URI; default: ``MLFLOW_TRACKING_URI`` / MLflow's default.
         params: param names to add as ``params.<name>`` columns; default: every param whose
-            value differs between the runs (``energy.*`` params excluded).
-        target: with ``metric``, adds ``kwh_to_target`` (see :func:`energy_to_target`).
+            value differs between the runs (``energy.*`` params excluded) and does not follow
+            from another one shown (``prune.name`` when ``prune`` is shown).
+        target: with ``metric``, adds ``j_to_target`` (see :func:`energy_to_target`).
 
     Returns:
         A DataFrame ordered by start time with columns ``run_id``, ``run_name``,
         ``experiment``, ``status``, ``start_time`` (ISO 8601, UTC), ``duration_s`` (the
-        measured ``energy/duration_s``, else the run's wall time), ``total_kwh``, ``gpu_kwh``,
-        ``cpu_kwh``, ``ram_kwh``, ``emissions_g``, ``j_per_sample``, ``test_j_per_sample``,
-        ``avg_power_w``, then ``<metric>`` and ``kwh_to_target`` when asked, ``delta_kwh``,
-        ``delta_kwh_pct``, ``delta_<metric>`` with a baseline, then ``pareto`` (bool),
-        ``estimated`` (comma list of estimated domain kinds, ``""`` when all measured),
-        ``missing_energy`` (bool: no ``energy/total_kwh``; such runs are never on the front)
-        and ``params.<name>`` columns. Missing values are NaN. A logged NaN or +-inf (MLflow's SQL
-        stores return +-inf as +-1.797e308) is read as NaN too, so such runs count as missing
-        that value (``missing_energy`` for ``energy/total_kwh``); ``df.attrs["non_finite"]``
-        lists them as ``"<run name>: <key>"``.
+        measured ``energy/duration_s``, else the run's wall time), ``total_j``, ``gpu_j``,
+        ``cpu_j``, ``ram_j`` (joules), ``emissions_g``, ``j_per_sample``,
+        ``test_j_per_sample``, ``avg_power_w``, then ``<metric>`` and ``j_to_target`` when
+        asked, ``delta_j``, ``delta_j_pct``, ``delta_<metric>`` with a baseline, then ``pareto``
+        (bool, this run alone), ``estimated`` (comma list of estimated domain kinds, ``""`` when
+        all measured), ``short_run`` (bool: tagged ``energy.short_run``), ``degraded`` (the
+        ``energy.degraded`` tag or ``""``), ``gpu_measured`` (bool: ``energy.gpu_method`` is
+        set and not ``none``, or a GPU energy was logged), ``missing_energy`` (bool: no total
+        energy; such runs are never on the front), ``group`` (int: runs with the same params
+        but seeds share it, see :func:`group_runs`), ``group_size`` and ``params.<name>``
+        columns. Missing values are NaN. A logged NaN or +-inf (MLflow's SQL stores return
+        +-inf as +-1.797e308) is read as NaN too, so such runs count as missing that value;
+        ``df.attrs["non_finite"]`` lists them as ``"<run name>: <key>"``;
+        ``df.attrs["implied_params"]`` maps each differing param left out to the shown param(s)
+        it follows from.
 
     Raises:
         ConfigError: unknown experiment, run, metric or baseline; bad mode or filter.
@@ -131,28 +162,31 @@ def compare_runs(
     columns = list(BASE_COLUMNS)
     if metric is not None:
         columns.append(metric)
-    df = pd.DataFrame(rows, columns=[*columns, "estimated", "missing_energy"])
+    df = pd.DataFrame(rows, columns=[*columns, *FLAG_COLUMNS])
     if metric is not None and len(found) and not any(metric in r.data.metrics for r in found):
         raise ConfigError("metric", metric, _available_metrics(found))
     if target is not None:
-        df["kwh_to_target"] = [
+        df["j_to_target"] = [
             math.nan if miss else energy_to_target(rid, metric, target, mode, client=client)
             for rid, miss in zip(df["run_id"], df["missing_energy"])
         ]
     base_ref = _add_deltas(df, baseline, metric, mode) if baseline is not None else None
     if metric is not None and len(df):
-        energy = [math.nan if miss else e for e, miss in zip(df["total_kwh"], df["missing_energy"])]
+        energy = [math.nan if miss else e for e, miss in zip(df["total_j"], df["missing_energy"])]
         df["pareto"] = pareto_mask(list(df[metric]), energy, mode)
     else:
         df["pareto"] = False
-    df["pareto"] = df["pareto"].astype(bool)
-    df["missing_energy"] = df["missing_energy"].astype(bool)
-    ordered = [c for c in df.columns if c not in ("estimated", "missing_energy")]
-    df = df[[*ordered, "estimated", "missing_energy"]]
-    param_df = _param_columns(found, params)
+    for col in ("pareto", "short_run", "gpu_measured", "missing_energy"):
+        df[col] = df[col].astype(bool)
+    ordered = [c for c in df.columns if c not in FLAG_COLUMNS]
+    df = df[[*ordered, *FLAG_COLUMNS]]
+    group_ids = _group_ids(found, [str(e) for e in df["experiment"]])
+    df["group"] = group_ids
+    df["group_size"] = [group_ids.count(g) for g in group_ids]
+    param_df, implied = _param_columns(found, params)
     if param_df:
         df = pd.concat([df, pd.DataFrame(param_df, index=df.index)], axis=1)
-    df.attrs.update(metric=metric, mode=mode, non_finite=non_finite)
+    df.attrs.update(metric=metric, mode=mode, non_finite=non_finite, implied_params=implied)
     if base_ref is not None:
         df.attrs["baseline_run_id"], df.attrs["baseline_run_name"] = base_ref
     return df
@@ -167,14 +201,14 @@ def energy_to_target(
     *,
     client: MlflowClient | None = None,
 ) -> float:
-    """Cumulative kWh spent until ``metric`` first reached ``value`` (energy-to-accuracy).
+    """Cumulative joules spent until ``metric`` first reached ``value`` (energy-to-accuracy).
 
-    Reads two per-step histories: ``metric`` and ``energy/total_kwh``. The target step is
-    the smallest step whose ``metric`` value is ``>= value`` (mode ``max``) or ``<= value``
-    (mode ``min``). The energy at that step is linearly interpolated between the two logged
-    ``energy/total_kwh`` points around it (the last value wins when one step was logged
-    twice); before the first logged point it is interpolated from (step 0, 0 kWh); after the
-    last point it is the last (final) value.
+    Reads two per-step histories: ``metric`` and ``energy/total_j`` (or, for runs logged by
+    wattlog < 0.2, ``energy/total_kwh``, converted). The target step is the smallest step whose
+    ``metric`` value is ``>= value`` (mode ``max``) or ``<= value`` (mode ``min``). The energy at
+    that step is linearly interpolated between the two logged points around it (the last value
+    wins when one step was logged twice); before the first logged point it is interpolated from
+    (step 0, 0 J); after the last point it is the last (final) value.
 
     Args:
         run_id: the MLflow run.
@@ -185,7 +219,7 @@ def energy_to_target(
         client: an existing ``MlflowClient`` to reuse.
 
     Returns:
-        kWh, or NaN when the target was never reached or the run has no energy history.
+        Joules, or NaN when the target was never reached or the run has no energy history.
 
     Raises:
         ConfigError: bad mode.
@@ -200,29 +234,36 @@ def energy_to_target(
             break
     if target_step is None:
         return math.nan
+    scale, history = 1.0, client.get_metric_history(run_id, keys.TOTAL_J)
+    if not history:
+        scale, history = J_PER_KWH, client.get_metric_history(run_id, keys.LEGACY_KWH[keys.TOTAL_J])
     by_step: dict[int, float] = {}
-    for point in sorted(client.get_metric_history(run_id, "energy/total_kwh"), key=lambda m: m.timestamp):
+    for point in sorted(history, key=lambda m: m.timestamp):
         if is_finite_metric(point.value):
-            by_step[point.step] = point.value
-    return interpolate_kwh(sorted(by_step.items()), target_step)
+            by_step[point.step] = point.value * scale
+    return interpolate_cumulative(sorted(by_step.items()), target_step)
 
 
-def interpolate_kwh(points: Sequence[tuple[float, float]], step: float) -> float:
-    """Cumulative kWh at ``step`` from sorted ``(step, kWh)`` points, as documented above.
+def interpolate_cumulative(points: Sequence[tuple[float, float]], step: float) -> float:
+    """A cumulative value at ``step`` from sorted ``(step, value)`` points, as documented above.
 
     Returns NaN when there are no points.
     """
     if not points:
         return math.nan
-    first_step, first_kwh = points[0]
+    first_step, first_value = points[0]
     if step <= first_step:
         if first_step <= 0:
-            return first_kwh
-        return first_kwh * max(step, 0) / first_step
-    for (s0, e0), (s1, e1) in zip(points, points[1:]):
+            return first_value
+        return first_value * max(step, 0) / first_step
+    for (s0, e0), (s1, e1) in itertools.pairwise(points):
         if s0 <= step <= s1:
             return e0 if s1 == s0 else e0 + (e1 - e0) * (step - s0) / (s1 - s0)
     return points[-1][1]
+
+
+interpolate_kwh = interpolate_cumulative
+"""Deprecated name of :func:`interpolate_cumulative` (it never depended on the unit)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,10 +383,10 @@ def _experiment_names(client: MlflowClient, ids: Iterable[str]) -> dict[str, str
 
 def _row(run: Any, metric: str | None, exp_names: dict[str, str]) -> dict[str, Any]:
     info, data = run.info, run.data
-    metrics = data.metrics
+    metrics, params, tags = data.metrics, data.params, data.tags
     row: dict[str, Any] = {
         "run_id": info.run_id,
-        "run_name": info.run_name or data.tags.get("mlflow.runName") or info.run_id[:8],
+        "run_name": info.run_name or tags.get("mlflow.runName") or info.run_id[:8],
         "experiment": exp_names.get(info.experiment_id, info.experiment_id),
         "status": info.status,
         "start_time": _iso(info.start_time),
@@ -353,15 +394,23 @@ def _row(run: Any, metric: str | None, exp_names: dict[str, str]) -> dict[str, A
     non_finite: list[str] = []
 
     def value(key: str) -> float:
-        got = metrics.get(key)
+        name = key
+        if (
+            metrics.get(key) is None
+            and key in keys.LEGACY_KWH
+            and metrics.get(keys.LEGACY_KWH[key]) is not None
+        ):
+            name = keys.LEGACY_KWH[key]
+        got = metrics.get(name)
         if got is None:
             return math.nan
         if not is_finite_metric(got):
-            non_finite.append(key)
+            non_finite.append(name)
             return math.nan
-        return float(got)
+        read = keys.read_j({name: got}, key) if name != key else float(got)
+        return math.nan if read is None else read
 
-    duration_s = value("energy/duration_s")
+    duration_s = value(keys.DURATION_S)
     if math.isnan(duration_s) and info.start_time and info.end_time:
         duration_s = (info.end_time - info.start_time) / 1000.0
     row["duration_s"] = duration_s
@@ -369,8 +418,14 @@ def _row(run: Any, metric: str | None, exp_names: dict[str, str]) -> dict[str, A
         row[column] = value(key)
     if metric is not None:
         row[metric] = value(metric)
-    row["estimated"] = estimated_domains(data.params, data.tags)
-    row["missing_energy"] = math.isnan(row["total_kwh"])
+    row["estimated"] = estimated_domains(params, tags)
+    row["short_run"] = str(tags.get(T_SHORT_RUN, "")).strip().lower() not in _NO
+    row["degraded"] = str(tags.get(keys.T_DEGRADED, "") or "")
+    gpu_method = params.get(keys.P_GPU_METHOD)
+    row["gpu_measured"] = (
+        str(gpu_method).lower() not in _NO if gpu_method is not None else bool(row["gpu_j"] > 0)
+    )
+    row["missing_energy"] = math.isnan(row["total_j"])
     row["_non_finite"] = non_finite
     return row
 
@@ -387,7 +442,7 @@ def is_finite_metric(value: float) -> bool:
 def estimated_domains(params: dict[str, str], tags: dict[str, str]) -> str:
     """Comma list of estimated domain kinds: the ``energy.estimated`` tag, else the
     ``energy.{gpu,cpu,ram}_method`` params equal to ``estimate``; ``""`` when none."""
-    tag = tags.get("energy.estimated")
+    tag = tags.get(keys.T_ESTIMATED)
     if tag is not None:
         kinds = [k.strip() for k in tag.split(",") if k.strip() and k.strip().lower() != "none"]
         return ",".join(kinds)
@@ -401,23 +456,79 @@ def _iso(ms: int | None) -> str | None:
 
 
 def _available_metrics(found: Sequence[Any]) -> str:
-    keys = sorted({k for r in found for k in r.data.metrics if not k.startswith("energy/")})
-    return ", ".join(keys) if keys else "(the runs log no metrics besides energy/*)"
+    keys_ = sorted({k for r in found for k in r.data.metrics if not k.startswith(keys.PREFIX)})
+    return ", ".join(keys_) if keys_ else "(the runs log no metrics besides energy/*)"
 
 
-def _param_columns(found: Sequence[Any], names: Sequence[str] | None) -> dict[str, list[Any]]:
+def _differing_params(found: Sequence[Any]) -> list[str]:
+    names = sorted({k for r in found for k in r.data.params if not k.startswith("energy.")})
+    return [n for n in names if len({r.data.params.get(n) for r in found}) > 1]
+
+
+def _param_columns(
+    found: Sequence[Any], names: Sequence[str] | None
+) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
+    """``params.<name>`` columns, and each differing param left out -> the shown params it follows from.
+
+    By default every differing param is a candidate; candidates are taken shortest dotted path
+    first (``prune`` before ``prune.name``), and one whose value across the runs is fully
+    determined by those already taken says nothing new and is left out.
+    """
+    implied: dict[str, list[str]] = {}
     if names is None:
-        all_names = sorted({k for r in found for k in r.data.params if not k.startswith("energy.")})
-        names = [n for n in all_names if len({r.data.params.get(n) for r in found}) > 1]
-    return {f"params.{n}": [r.data.params.get(n) for r in found] for n in names}
+        candidates = sorted(_differing_params(found), key=lambda n: (n.count("."), len(n), n))
+        chosen: list[str] = []
+        for name in candidates:
+            mapping: dict[tuple[Any, ...], Any] = {}
+            determined = bool(chosen)
+            for r in found:
+                key = tuple(r.data.params.get(c) for c in chosen)
+                val = r.data.params.get(name)
+                if mapping.setdefault(key, val) != val:
+                    determined = False
+                    break
+            if determined:
+                # the fewest chosen params that already determine it, for the footnote
+                implied[name] = _determining(found, chosen, name)
+            else:
+                chosen.append(name)
+        order = sorted(_differing_params(found))
+        names = [n for n in order if n in chosen]
+    return {f"params.{n}": [r.data.params.get(n) for r in found] for n in names}, implied
+
+
+def _determining(found: Sequence[Any], chosen: list[str], name: str) -> list[str]:
+    for c in chosen:
+        mapping: dict[Any, Any] = {}
+        if all(
+            mapping.setdefault(r.data.params.get(c), r.data.params.get(name)) == r.data.params.get(name)
+            for r in found
+        ):
+            return [c]
+    return list(chosen)
+
+
+def _group_ids(found: Sequence[Any], experiments: Sequence[str]) -> list[int]:
+    """Group number of each run: same experiment and the same value of every differing param
+    except seed-like ones (:data:`SEED_PARAM`). Runs that log no params are never grouped."""
+    differing = [n for n in _differing_params(found) if not SEED_PARAM.search(n)]
+    ids: dict[tuple[Any, ...], int] = {}
+    out = []
+    for r, exp in zip(found, experiments):
+        if not r.data.params:
+            key: tuple[Any, ...] = ("run", r.info.run_id)
+        else:
+            key = (exp, *[r.data.params.get(n) for n in differing])
+        out.append(ids.setdefault(key, len(ids)))
+    return out
 
 
 def _add_deltas(df: pd.DataFrame, baseline: str, metric: str | None, mode: str) -> tuple[str, str]:
-    """Adds ``delta_kwh``, ``delta_kwh_pct`` and ``delta_<metric>``; returns the baseline's id and name."""
+    """Adds ``delta_j``, ``delta_j_pct`` and ``delta_<metric>``; returns the baseline's id and name."""
     with_energy = df[~df["missing_energy"]]
     if baseline == "first":
         if with_energy.empty:
-            raise ConfigError("baseline", baseline, "needs at least one run with energy/total_kwh")
+            raise ConfigError("baseline", baseline, "needs at least one run with energy/total_j")
         base = with_energy.iloc[0]  # rows are ordered by start time
     elif baseline == "best":
         if metric is None:
@@ -433,116 +544,582 @@ def _add_deltas(df: pd.DataFrame, baseline: str, metric: str | None, mode: str) 
             raise ConfigError("baseline", baseline, "'first', 'best', or the id or name of a compared run")
         base = match.iloc[0]
         if base["missing_energy"]:
-            raise ConfigError("baseline", baseline, "a run that logged energy/total_kwh")
-    base_kwh = float(base["total_kwh"])
-    df["delta_kwh"] = df["total_kwh"] - base_kwh
-    df["delta_kwh_pct"] = 100.0 * df["delta_kwh"] / base_kwh if base_kwh else math.nan
+            raise ConfigError("baseline", baseline, "a run that logged energy/total_j")
+    base_j = float(base["total_j"])
+    df["delta_j"] = df["total_j"] - base_j
+    df["delta_j_pct"] = 100.0 * df["delta_j"] / base_j if base_j else math.nan
     if metric is not None:
         df[f"delta_{metric}"] = df[metric] - base[metric]
     return str(base["run_id"]), str(base["run_name"])
 
 
 # --------------------------------------------------------------------------------------------
+# Groups of replicates, noise, the verdict
+# --------------------------------------------------------------------------------------------
+
+SPREAD_COLUMNS = ("duration_s", *ENERGY_COLUMNS)
+
+
+def group_runs(
+    df: pd.DataFrame, metric: str | None = None, mode: str | None = None, *, group: bool = True
+) -> pd.DataFrame:
+    """One row per group of replicate runs (``df["group"]``), with means, spreads, noise and the front.
+
+    Columns: ``group``, ``n`` (runs), ``run_ids`` (comma list), ``run_name`` (the first run's
+    name), ``experiment``, ``status`` (``FINISHED`` or e.g. ``1 FAILED/3``), ``start_time``
+    (first), the mean of every numeric column of ``df`` (``total_j``, ``<metric>``, ...) and its
+    sample standard deviation ``<col>_sd`` (NaN for one run), ``estimated`` (union),
+    ``short_run``/``gpu_measured`` (any), ``degraded`` (joined), ``missing_energy`` (no run of
+    the group has energy), ``params.*`` (the first run's), then:
+
+    - ``energy_noise_j`` / ``metric_noise``: run-to-run standard deviation of the group, or,
+      for a single run, the pooled spread of the groups that have replicates (energy as a
+      relative spread, the metric as an absolute one); NaN when no group has replicates;
+    - ``pareto``: on the noise-aware front (:func:`wattlog.pareto.pareto_mask_noisy`);
+    - with a baseline in ``df.attrs``: ``is_baseline``, ``delta_j``, ``delta_j_pct``,
+      ``delta_<metric>`` (group mean minus the baseline group's mean) and ``delta_j_in_noise``,
+      ``delta_<metric>_in_noise`` (True when the difference is within the combined noise).
+
+    Args:
+        df: a :func:`compare_runs` frame (its ``group`` column and attrs).
+        metric: the objective; default ``df.attrs["metric"]``.
+        mode: ``max`` or ``min``; default ``df.attrs["mode"]``.
+        group: False: every run is its own group (no replicates, noise unknown).
+
+    Returns:
+        The group frame, in order of each group's first run in ``df``; attrs copied from ``df``
+        plus ``grouped=True`` and ``noise_known`` (some group has replicates).
+    """
+    import pandas as pd
+
+    metric = metric if metric is not None else df.attrs.get("metric")
+    mode = mode or df.attrs.get("mode", "max")
+    gid = list(df["group"]) if group and "group" in df.columns else list(range(len(df)))
+    order: list[Any] = list(dict.fromkeys(gid))
+    numeric = [c for c in (*SPREAD_COLUMNS, metric, "j_to_target") if c and c in df.columns]
+    params = [c for c in df.columns if c.startswith("params.")]
+    base_id = df.attrs.get("baseline_run_id")
+    out: list[dict[str, Any]] = []
+    for g in order:
+        part = df[[x == g for x in gid]]
+        first = part.iloc[0]
+        n = len(part)
+        rec: dict[str, Any] = {
+            "group": g,
+            "n": n,
+            "run_ids": ",".join(str(r) for r in part["run_id"]),
+            "run_name": str(first["run_name"]),
+            "experiment": first["experiment"],
+            "status": _group_status(list(part["status"])),
+            "start_time": first["start_time"],
+        }
+        for c in numeric:
+            values = [float(v) for v in part[c] if render.is_number(v)]
+            rec[c] = sum(values) / len(values) if values else math.nan
+            rec[f"{c}_sd"] = _sd(values)
+        kinds = sorted({k for e in part["estimated"] for k in str(e).split(",") if k})
+        rec["estimated"] = ",".join(kinds)
+        rec["short_run"] = bool(part["short_run"].any()) if "short_run" in part else False
+        rec["degraded"] = "; ".join(dict.fromkeys(str(d) for d in part.get("degraded", []) if str(d)))
+        rec["gpu_measured"] = bool(part["gpu_measured"].any()) if "gpu_measured" in part else True
+        rec["missing_energy"] = bool(part["missing_energy"].all())
+        rec["is_baseline"] = base_id is not None and base_id in set(part["run_id"])
+        for c in params:
+            values = list(dict.fromkeys(str(v) for v in part[c] if v is not None and str(v) != "nan"))
+            joined = ",".join(values)
+            rec[c] = (
+                values[0] if len(values) == 1 else (joined if len(joined) <= 12 else f"{len(values)} values")
+            )
+        out.append(rec)
+    groups = pd.DataFrame(out)
+    groups.attrs.update(dict(df.attrs))
+    groups.attrs["grouped"] = True
+    if groups.empty:
+        groups.attrs["noise_known"] = False
+        return groups
+    energy_cv = _pooled(
+        [
+            (r["n"], r["total_j_sd"] / r["total_j"])
+            for r in out
+            if r["n"] > 1 and render.is_number(r["total_j_sd"]) and r["total_j"]
+        ]
+    )
+    groups["energy_noise_j"] = [
+        r["total_j_sd"] if r["n"] > 1 and render.is_number(r["total_j_sd"]) else energy_cv * r["total_j"]
+        for r in out
+    ]
+    if metric and metric in groups.columns:
+        metric_sd = _pooled(
+            [(r["n"], r[f"{metric}_sd"]) for r in out if r["n"] > 1 and render.is_number(r[f"{metric}_sd"])]
+        )
+        groups["metric_noise"] = [
+            r[f"{metric}_sd"] if r["n"] > 1 and render.is_number(r[f"{metric}_sd"]) else metric_sd
+            for r in out
+        ]
+        energy = [math.nan if r["missing_energy"] else r["total_j"] for r in out]
+        groups["pareto"] = pareto_mask_noisy(
+            list(groups[metric]), energy, mode, list(groups["metric_noise"]), list(groups["energy_noise_j"])
+        )
+    else:
+        groups["metric_noise"] = math.nan
+        groups["pareto"] = False
+    groups["pareto"] = groups["pareto"].astype(bool)
+    groups.attrs["noise_known"] = bool((groups["n"] > 1).any())
+    if groups["is_baseline"].any():
+        base = groups[groups["is_baseline"]].iloc[0]
+        groups["delta_j"] = groups["total_j"] - base["total_j"]
+        groups["delta_j_pct"] = 100.0 * groups["delta_j"] / base["total_j"] if base["total_j"] else math.nan
+        groups["delta_j_in_noise"] = [
+            _inside(d, a, base["energy_noise_j"]) for d, a in zip(groups["delta_j"], groups["energy_noise_j"])
+        ]
+        if metric and metric in groups.columns:
+            groups[f"delta_{metric}"] = groups[metric] - base[metric]
+            groups[f"delta_{metric}_in_noise"] = [
+                _inside(d, a, base["metric_noise"])
+                for d, a in zip(groups[f"delta_{metric}"], groups["metric_noise"])
+            ]
+    return groups
+
+
+def _group_status(statuses: list[str]) -> str:
+    bad = [s for s in statuses if s != "FINISHED"]
+    if not bad:
+        return "FINISHED"
+    if len(statuses) == 1:
+        return statuses[0]
+    worst = max(set(bad), key=bad.count)
+    return f"{len(bad)} {worst}/{len(statuses)}"
+
+
+def _sd(values: list[float]) -> float:
+    """Sample standard deviation; NaN for fewer than 2 values, 0 for float round-off only."""
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return 0.0 if sd <= 1e-9 * max(abs(mean), 1e-300) else sd
+
+
+def _pooled(items: list[tuple[int, float]]) -> float:
+    """Pooled standard deviation of groups ``(n, sd)``; NaN without any."""
+    dof = sum(n - 1 for n, _ in items)
+    if not dof:
+        return math.nan
+    return math.sqrt(sum((n - 1) * sd**2 for n, sd in items) / dof)
+
+
+def _inside(delta: float, noise_a: float, noise_b: float) -> bool:
+    """True when ``delta`` is within the combined noise of two values (unknown noise: False)."""
+    if not render.is_number(delta):
+        return False
+    known = [float(x) for x in (noise_a, noise_b) if render.is_number(x)]
+    if not known:
+        return False
+    noise = math.hypot(*known) if len(known) == 2 else known[0] * math.sqrt(2)
+    return abs(float(delta)) <= noise
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The one-line conclusion under the table.
+
+    Attributes:
+        text: the line, e.g. ``best trade-off: int8: −62 % energy for −0.012 test_acc``.
+        run_name: the run (group) it names, or None when it names none.
+        group: its group number, or None.
+    """
+
+    text: str
+    run_name: str | None
+    group: Any = None
+
+
+def verdict(
+    groups: pd.DataFrame, metric: str | None = None, mode: str | None = None, unit: str = "J"
+) -> Verdict:
+    """The conclusion of a comparison of groups (:func:`group_runs`), in one line.
+
+    With a metric: the *best trade-off* is the group on the noise-aware front that uses less
+    energy than the reference beyond the run-to-run spread and maximises
+    ``energy saved / reference energy - metric lost / metric range across groups``. The
+    reference is the baseline group, else the group with the best metric. A run that does not
+    save energy beyond the spread is never named. Without a metric: the group with the least
+    energy. The line says when the spread is unknown (no replicates) or a metric difference is
+    inside it.
+    """
+    metric = metric if metric is not None else groups.attrs.get("metric")
+    mode = mode or groups.attrs.get("mode", "max")
+    ok = groups[~groups["missing_energy"]] if len(groups) else groups
+    if ok.empty:
+        return Verdict("no run logged energy", None)
+    if len(ok) == 1:
+        return Verdict("one run (group) with energy: nothing to compare", None)
+    noise_known = bool(groups.attrs.get("noise_known"))
+    unknown = "" if noise_known else " (single runs)"
+    has_metric = bool(metric) and metric in ok.columns and ok[metric].notna().any()
+    if "is_baseline" in ok.columns and ok["is_baseline"].any():
+        ref = ok[ok["is_baseline"]].iloc[0]
+    elif has_metric:
+        ranked = ok[ok[metric].notna()]
+        ref = ranked.loc[ranked[metric].idxmax() if mode == "max" else ranked[metric].idxmin()]
+    else:
+        ref = ok.loc[ok["total_j"].idxmax()]
+    ref_j = float(ref["total_j"])
+
+    def saving(r: Any) -> tuple[float, bool]:
+        d = float(r["total_j"]) - ref_j
+        return (100.0 * d / ref_j if ref_j else math.nan), _inside(
+            d, r["energy_noise_j"], ref["energy_noise_j"]
+        )
+
+    others = [r for _, r in ok.iterrows() if r["group"] != ref["group"]]
+    if not has_metric:
+        best = min(others + [ref], key=lambda r: float(r["total_j"]))
+        if best["group"] == ref["group"]:
+            text = f"least energy: {_label(ref)} ({render.format_energy(ref_j, unit)}), the baseline"
+            return Verdict(text, str(ref["run_name"]), ref["group"])
+        pct, inside = saving(best)
+        if inside:
+            return Verdict(
+                f"no run differs from {ref['run_name']} in energy beyond the run-to-run spread", None
+            )
+        most = "" if bool(ref.get("is_baseline", False)) else " (most energy)"
+        text = (
+            f"least energy: {_label(best)}: {render.format_energy(best['total_j'], unit)}, "
+            f"{render.format_percent(pct)} vs {ref['run_name']}{most}{unknown}"
+        )
+        return Verdict(text, str(best["run_name"]), best["group"])
+    cheaper = [
+        r
+        for r in others
+        if float(r["total_j"]) < ref_j and render.is_number(r[metric]) and not bool(r.get("short_run", False))
+    ]  # a run below its method's resolution proves nothing
+    real = [r for r in cheaper if not saving(r)[1]]
+    pool = [ref, *real]  # the front among them: short runs cannot knock a run off it
+    mask = pareto_mask_noisy(
+        [float(r[metric]) for r in pool],
+        [float(r["total_j"]) for r in pool],
+        mode,
+        [r.get("metric_noise", math.nan) for r in pool],
+        [r.get("energy_noise_j", math.nan) for r in pool],
+    )
+    cands = [r for r, on in zip(pool[1:], mask[1:]) if on]
+    if not cands:
+        if cheaper:
+            return Verdict(f"no run saves energy vs {ref['run_name']} beyond the run-to-run spread", None)
+        return Verdict(f"no run uses less energy than {ref['run_name']}{unknown}", None)
+    values = [float(v) for v in ok[metric] if render.is_number(v)]
+    span = (max(values) - min(values)) or 1.0
+    sign = 1.0 if mode == "max" else -1.0
+
+    def score(r: Any) -> float:
+        return (ref_j - float(r["total_j"])) / ref_j - sign * (float(ref[metric]) - float(r[metric])) / span
+
+    best = max(cands, key=score)
+    pct, _ = saving(best)
+    dm = float(best[metric]) - float(ref[metric])
+    dm_noise = _inside(dm, best.get("metric_noise", math.nan), ref.get("metric_noise", math.nan))
+    if dm == 0:
+        trade = f"{render.format_percent(pct)} energy, same {metric}"
+    elif sign * dm > 0:
+        trade = f"{render.format_percent(pct)} energy and {render.format_signed(dm)} {metric}: better on both"
+    else:
+        trade = f"{render.format_percent(pct)} energy for {render.format_signed(dm)} {metric}"
+    if dm_noise:
+        trade += " (inside spread)"
+    text = f"best trade-off: {_label(best)}: {trade} vs {ref['run_name']}{unknown}"
+    return Verdict(text, str(best["run_name"]), best["group"])
+
+
+# --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
 
+DEFAULT_WIDTH = 100
+"""Width of the table when stdout is not a terminal and ``COLUMNS`` is not set."""
+IN_NOISE = "~"
+"""Suffix of a difference inside the run-to-run spread."""
+_EST_NOTE = "CPU from TDP × utilisation, RAM from memory in use"
 
-def _fmt(value: Any) -> str:
+
+@dataclass(frozen=True)
+class Column:
+    """One displayed column: header, cell function, core (always shown) or optional (if it fits)."""
+
+    header: str
+    cell: Callable[[Any], str]
+    core: bool = True
+    left: bool = False
+
+
+def _as_groups(df: pd.DataFrame, metric: str | None, group: bool = True) -> pd.DataFrame:
+    if df.attrs.get("grouped"):
+        return df
+    return group_runs(df, metric, group=group)
+
+
+def _label(r: Any) -> str:
+    n = int(r.get("n", 1) or 1)
+    return str(r["run_name"]) + (f" ×{n}" if n > 1 else "")
+
+
+def _notes_cell(r: Any) -> str:
+    marks = []
+    if str(r.get("estimated", "")):
+        marks.append("est")
+    if bool(r.get("short_run", False)):
+        marks.append("short")
+    if str(r.get("degraded", "")):
+        marks.append("degr")
+    status = str(r.get("status", "FINISHED"))
+    if status != "FINISHED":
+        marks.append("fail" if "FAILED" in status else status.lower()[:7])
+    return ",".join(marks)
+
+
+def _spread_cell(r: Any, col: str, fmt: str, unit: str) -> str:
+    mean, sd = r.get(col, math.nan), r.get(f"{col}_sd", math.nan)
+    if fmt == "energy":
+        return render.format_energy_spread(mean, sd, unit)
+    if fmt == "emissions":
+        return render.format_emissions(mean)
+    if fmt == "power":
+        return render.format_power(mean)
+    if fmt == "duration":
+        return render.format_duration(mean)
+    if fmt == "j":  # J/sample: auto-scaled joules
+        return render.format_energy(mean, "J")
+    return render.format_number_spread(mean, sd)
+
+
+def _delta_pct_cell(r: Any) -> str:
+    if bool(r.get("is_baseline", False)):
+        return "base"
+    text = render.format_percent(r.get("delta_j_pct"))
+    return text + IN_NOISE if bool(r.get("delta_j_in_noise", False)) and text != render.MISSING else text
+
+
+def _delta_metric_cell(r: Any, metric: str) -> str:
+    if bool(r.get("is_baseline", False)):
+        return ""
+    text = render.format_signed(r.get(f"delta_{metric}"))
+    in_noise = bool(r.get(f"delta_{metric}_in_noise", False))
+    return text + IN_NOISE if in_noise and text != render.MISSING else text
+
+
+def table_columns(
+    groups: pd.DataFrame, metric: str | None = None, *, unit: str = "J", wide: bool = False
+) -> list[Column]:
+    """The columns of the human table of a group frame: core ones, then optional ones.
+
+    Core (always shown): run, energy, Δ energy % (with a baseline), the metric, Δ metric, ★
+    (with a metric), note (est/short/degr/fail). Optional (shown with ``wide``, else while they
+    fit): GPU/CPU/RAM energy (GPU only when some run measured a GPU), CO2e, J/sample, avg power,
+    time, energy to target, Δ energy, experiment (several), then the ``params.*`` columns.
+    """
+    metric = metric if metric is not None else groups.attrs.get("metric")
+    has = groups.columns
+    has_delta = "delta_j_pct" in has
+    cols = [
+        Column("run", _label, left=True),
+        Column("energy", lambda r: _spread_cell(r, "total_j", "energy", unit)),
+    ]
+    if has_delta:
+        cols.append(Column("Δ energy", _delta_pct_cell))
+    if metric and metric in has:
+        cols.append(Column(metric, lambda r: _spread_cell(r, metric, "number", unit)))
+        if has_delta and f"delta_{metric}" in has:
+            cols.append(Column(f"Δ {metric}", lambda r: _delta_metric_cell(r, metric)))
+        cols.append(Column("★", lambda r: "★" if bool(r.get("pareto", False)) else ""))
+    if any(_notes_cell(r) for _, r in groups.iterrows()):
+        cols.append(Column("note", _notes_cell, left=True))
+    optional: list[Column] = []
+    if "gpu_measured" in has and bool(groups["gpu_measured"].any()):
+        optional.append(
+            Column(
+                "GPU",
+                lambda r: (
+                    _spread_cell(r, "gpu_j", "energy", unit)
+                    if bool(r.get("gpu_measured", True))
+                    else render.MISSING
+                ),
+                core=False,
+            )
+        )
+    for col, header in (("cpu_j", "CPU"), ("ram_j", "RAM")):
+        if col in has and groups[col].notna().any():
+            optional.append(Column(header, lambda r, c=col: _spread_cell(r, c, "energy", unit), core=False))
+    if "emissions_g" in has and groups["emissions_g"].notna().any():
+        optional.append(
+            Column("CO2e", lambda r: _spread_cell(r, "emissions_g", "emissions", unit), core=False)
+        )
+    for col, header in (("j_per_sample", "train/sample"), ("test_j_per_sample", "test/sample")):
+        if col in has and groups[col].notna().any():
+            optional.append(Column(header, lambda r, c=col: _spread_cell(r, c, "j", unit), core=False))
+    if "avg_power_w" in has and groups["avg_power_w"].notna().any():
+        optional.append(
+            Column("avg power", lambda r: _spread_cell(r, "avg_power_w", "power", unit), core=False)
+        )
+    if "duration_s" in has and groups["duration_s"].notna().any():
+        optional.append(Column("time", lambda r: _spread_cell(r, "duration_s", "duration", unit), core=False))
+    if "j_to_target" in has:
+        optional.append(
+            Column("to target", lambda r: _spread_cell(r, "j_to_target", "energy", unit), core=False)
+        )
+    if has_delta:
+        optional.append(
+            Column(
+                "Δ energy abs",
+                lambda r: "" if bool(r.get("is_baseline")) else _signed_energy(r.get("delta_j"), unit),
+                core=False,
+            )
+        )
+    if "experiment" in has and groups["experiment"].nunique() > 1:
+        optional.append(Column("experiment", lambda r: str(r["experiment"]), core=False, left=True))
+    for c in [c for c in has if c.startswith("params.")]:
+        optional.append(
+            Column(c.removeprefix("params."), lambda r, c=c: _param_text(r[c]), core=False, left=True)
+        )
+    return cols + optional
+
+
+def _signed_energy(joules: Any, unit: str) -> str:
+    if not render.is_number(joules):
+        return render.MISSING
+    return ("+" if float(joules) > 0 else "") + render.format_energy(joules, unit)
+
+
+def _param_text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else ""
-    if isinstance(value, (int, float)):
-        return f"{float(value):.4g}"
+        return render.MISSING
     return str(value)
 
 
-def _signed(value: Any, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return ("+" if value > 0 else "") + _fmt(value) + suffix
+def _cell_len(text: str) -> int:
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def _fit(columns: list[Column], cells: list[list[str]], width: int | None) -> list[int]:
+    """Indices of the columns to show within ``width``: the core ones always, optional ones in
+    order while they fit (columns are 2 characters apart)."""
+    if width is None:
+        return list(range(len(columns)))
+    widths = [
+        max([_cell_len(c.header), *(_cell_len(row[i]) for row in cells)]) for i, c in enumerate(columns)
+    ]
+    keep = [i for i, c in enumerate(columns) if c.core]
+
+    def total(idx: list[int]) -> int:
+        return sum(widths[i] for i in idx) + 2 * (len(idx) - 1)
+
+    for i, c in enumerate(columns):
+        if not c.core and total(sorted([*keep, i])) <= width:
+            keep = sorted([*keep, i])
+    return keep
 
 
 def display_rows(
-    df: pd.DataFrame, metric: str | None = None, max_params: int = 6
+    df: pd.DataFrame,
+    metric: str | None = None,
+    *,
+    unit: str = "J",
+    wide: bool = True,
+    width: int | None = None,
+    group: bool = True,
 ) -> tuple[list[str], list[list[str]], list[str]]:
-    """Headers (with units), formatted cells and footnotes shared by the table and Markdown.
+    """Headers, formatted cells and footnotes shared by the table and Markdown.
 
-    Estimated values carry ``*``; Pareto runs ``★``; runs without energy show ``—``.
+    Accepts a :func:`compare_runs` frame (grouped here) or a :func:`group_runs` frame. Energy is
+    auto-scaled per cell (``unit`` family or a fixed unit); ``mean±sd`` for groups of replicates;
+    ★ marks the noise-aware Pareto front; a ``~`` suffix marks a difference inside the
+    run-to-run spread; runs without energy show ``—``. With ``wide=False`` the optional
+    columns are added only while the table fits ``width``. The last footnote is the verdict.
     """
-    cols: list[tuple[str, Callable[[Any], str]]] = [("run", lambda r: str(r["run_name"]))]
+    _, columns, rows, notes = _layout(df, metric, unit=unit, wide=wide, width=width, group=group)
+    return [c.header for c in columns], rows, notes
 
-    def energy_cell(column: str, kinds: set[str] | None) -> Callable[[Any], str]:
-        def cell(r: Any) -> str:
-            est = {k for k in str(r["estimated"]).split(",") if k}
-            marked = bool(est) if kinds is None else bool(est & kinds)
-            return _fmt(r[column]) + ("*" if marked and not r["missing_energy"] else "")
 
-        return cell
+def _layout(
+    df: pd.DataFrame, metric: str | None, *, unit: str, wide: bool, width: int | None, group: bool
+) -> tuple[pd.DataFrame, list[Column], list[list[str]], list[str]]:
+    metric = metric if metric is not None else df.attrs.get("metric")
+    groups = _as_groups(df, metric, group)
+    columns = table_columns(groups, metric, unit=unit, wide=wide)
+    cells = [[c.cell(r) for c in columns] for _, r in groups.iterrows()]
+    keep = _fit(columns, cells, None if wide else width)
+    shown = [columns[i] for i in keep]
+    rows = [[row[i] for i in keep] for row in cells]
+    notes = footnotes(groups, metric, shown=[c.header for c in shown], unit=unit)
+    hidden = [c.header for i, c in enumerate(columns) if i not in keep]
+    if hidden:
+        listed = ", ".join(hidden[:6]) + (f" and {len(hidden) - 6} more" if len(hidden) > 6 else "")
+        notes.insert(-1, f"--wide adds: {listed}")
+    return groups, shown, rows, notes
 
-    cols += [
-        ("kWh", energy_cell("total_kwh", None)),
-        ("GPU kWh", energy_cell("gpu_kwh", {"gpu"})),
-        ("CPU kWh", energy_cell("cpu_kwh", {"cpu"})),
-        ("RAM kWh", energy_cell("ram_kwh", {"ram"})),
-        ("gCO2e", energy_cell("emissions_g", None)),
-    ]
-    # training J/sample where any run trained; inference J/sample where any run was tested
-    for column, header in (("j_per_sample", "J/sample"), ("test_j_per_sample", "test J/sample")):
-        if column in df.columns and df[column].notna().any():
-            cols.append((header, energy_cell(column, None)))
-    cols += [
-        ("avg W", lambda r: _fmt(r["avg_power_w"])),
-        ("time s", lambda r: _fmt(r["duration_s"])),
-    ]
-    if metric is not None and metric in df.columns:
-        cols.append((metric, lambda r: _fmt(r[metric])))
-    if "kwh_to_target" in df.columns:
-        cols.append(("kWh to target", lambda r: _fmt(r["kwh_to_target"])))
-    if "delta_kwh" in df.columns:
-        cols.append(("Δ kWh", lambda r: _signed(r["delta_kwh"])))
-        cols.append(("Δ kWh %", lambda r: _signed(r["delta_kwh_pct"], "%")))
-        if metric is not None and f"delta_{metric}" in df.columns:
-            cols.append((f"Δ {metric}", lambda r: _signed(r[f"delta_{metric}"])))
-    cols.append(("pareto", lambda r: "★" if r["pareto"] else ""))
-    param_cols = [c for c in df.columns if c.startswith("params.")]
-    for c in param_cols[:max_params]:
-        cols.append((c.removeprefix("params."), lambda r, c=c: _fmt(r[c])))
 
-    rows = [[fn(r) for _, fn in cols] for _, r in df.iterrows()]
+def footnotes(
+    groups: pd.DataFrame, metric: str | None, shown: Sequence[str] = (), unit: str = "J"
+) -> list[str]:
+    """Footnotes for the markers in a group table; the last line is the :func:`verdict`."""
     notes = []
-    if metric is not None:
+    mode_word = "higher" if groups.attrs.get("mode", "max") == "max" else "lower"
+    if metric and "★" in shown:
         notes.append(
-            f"★ on the Pareto front of {metric} vs kWh (both better: {metric} {_dir(df)}, kWh lower)"
+            f"★ Pareto front: no run has a better {metric} ({mode_word} is better) and less energy "
+            "beyond the spread"
         )
-    if df["estimated"].astype(str).str.len().gt(0).any():
-        notes.append("* includes estimated domains (CPU from TDP x utilisation, RAM from memory in use)")
-    if df["missing_energy"].any():
-        notes.append("— run logged no energy/total_kwh (shown, excluded from the front)")
-    if df.attrs.get("non_finite"):
-        shown = ", ".join(df.attrs["non_finite"][:5]) + (", ..." if len(df.attrs["non_finite"]) > 5 else "")
-        notes.append(f"— also where a NaN/inf value was logged, read as missing: {shown}")
-    if "baseline_run_name" in df.attrs:
+    if "n" in groups.columns and (groups["n"] > 1).any():
+        notes.append("×n: n runs with the same params (seeds aside): mean±sd")
+    if "Δ energy" in shown:
+        base = groups[groups["is_baseline"]] if "is_baseline" in groups.columns else groups.iloc[0:0]
+        if len(base):
+            rid = groups.attrs.get("baseline_run_id", "")
+            in_noise = [c for c in groups.columns if c.startswith("delta_") and c.endswith("_in_noise")]
+            noisy = any(bool(v) for c in in_noise for v in groups[c])
+            notes.append(
+                f"Δ vs baseline {base.iloc[0]['run_name']} ({str(rid)[:8]})"
+                + (f"; {IN_NOISE}: inside the run-to-run spread, not a real difference" if noisy else "")
+            )
+    notes.extend(
+        f"{k}: {v}"
+        for k, v in (
+            ("est", f"includes estimated energy ({_EST_NOTE})"),
+            ("short", "shorter than its energy method resolves"),
+            ("degr", "a source degraded during the run"),
+            ("fail", "the run did not finish"),
+        )
+        if any(k in _notes_cell(r).split(",") for _, r in groups.iterrows())
+    )
+    if "missing_energy" in groups.columns and groups["missing_energy"].any():
+        notes.append("— logged no energy/total_j (shown, excluded from the front)")
+    if groups.attrs.get("non_finite"):
+        nf = groups.attrs["non_finite"]
         notes.append(
-            f"Δ against baseline run {df.attrs['baseline_run_name']} ({df.attrs['baseline_run_id']})"
+            f"— also where a NaN/inf value was logged, read as missing: {', '.join(nf[:5])}"
+            + (", ..." if len(nf) > 5 else "")
         )
-    if len(param_cols) > max_params:
-        notes.append(f"{len(param_cols) - max_params} more differing params not shown; choose with --params")
-    return [h for h, _ in cols], rows, notes
+    implied = groups.attrs.get("implied_params") or {}
+    shown_params = [h for h in shown if f"params.{h}" in groups.columns]
+    if implied and shown_params:
+        names = ", ".join(sorted(implied)[:4]) + (", ..." if len(implied) > 4 else "")
+        notes.append(f"params not shown, they follow from the others: {names}")
+    if len(groups) > 1 and not groups.attrs.get("noise_known"):
+        notes.append("single runs: their run-to-run spread is unknown (repeat a config to measure it)")
+    notes.append(verdict(groups, metric, unit=unit).text)
+    return notes
 
 
-def _dir(df: pd.DataFrame) -> str:
-    return "higher" if df.attrs.get("mode", "max") == "max" else "lower"
-
-
-def to_markdown(df: pd.DataFrame, metric: str | None = None) -> str:
-    """A GitHub Markdown table of :func:`display_rows`, footnotes below it."""
-    headers, rows, notes = display_rows(df, metric)
+def to_markdown(df: pd.DataFrame, metric: str | None = None, *, unit: str = "J", group: bool = True) -> str:
+    """A GitHub Markdown table of :func:`display_rows` (all columns), footnotes below it."""
+    _, columns, rows, notes = _layout(df, metric, unit=unit, wide=True, width=None, group=group)
 
     def esc(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    aligns = [":-:" if c.header == "★" else ("---" if c.left else "--:") for c in columns]
+    lines = ["| " + " | ".join(esc(c.header) for c in columns) + " |", "|" + "|".join(aligns) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     if notes:
         lines.append("")
@@ -550,26 +1127,85 @@ def to_markdown(df: pd.DataFrame, metric: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_width(file: Any) -> int | None:
+    """The width to fit: the terminal's, else ``$COLUMNS``, else :data:`DEFAULT_WIDTH`."""
+    if hasattr(file, "isatty") and file.isatty():
+        try:
+            return os.get_terminal_size(file.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            pass
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 20 else DEFAULT_WIDTH
+
+
 def print_table(
-    df: pd.DataFrame, metric: str | None = None, file: Any = None, title: str | None = None
+    df: pd.DataFrame,
+    metric: str | None = None,
+    file: Any = None,
+    title: str | None = None,
+    *,
+    width: int | None = None,
+    wide: bool = False,
+    unit: str = "J",
+    group: bool = True,
 ) -> None:
-    """Prints a rich table; Pareto rows bold green, runs without energy dimmed."""
+    """Prints the human table, its footnotes and the verdict.
+
+    Fits ``width`` (default :func:`table_width`) by leaving optional columns out (never by
+    cutting a cell: long run names wrap); ``wide=True`` shows every column at its natural
+    width. Colour only on a terminal: Pareto rows bold green, runs without energy dimmed.
+    """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     file = file or sys.stdout
     is_tty = hasattr(file, "isatty") and file.isatty()
-    console = Console(file=file, width=None if is_tty else 240, highlight=False, soft_wrap=False)
-    headers, rows, notes = display_rows(df, metric)
-    table = Table(title=title, header_style="bold")
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-    for (_, r), cells in zip(df.iterrows(), rows):
-        style = "bold green" if r["pareto"] else ("dim" if r["missing_energy"] else None)
+    fit = width or table_width(file)
+    groups, columns, rows, notes = _layout(df, metric, unit=unit, wide=wide, width=fit, group=group)
+    headers = [c.header for c in columns]
+    natural = sum(max([_cell_len(h), *(_cell_len(r[i]) for r in rows)]) for i, h in enumerate(headers))
+    natural += 2 * (len(headers) - 1)
+    console_width = max(natural, fit) if wide else fit
+    out = file if is_tty else io.StringIO()  # piped: trailing spaces stripped below
+    console = Console(
+        file=out,
+        width=console_width,
+        highlight=False,
+        soft_wrap=False,
+        force_terminal=is_tty,
+        no_color=not is_tty,
+        emoji=False,
+    )
+    table = Table(
+        header_style="bold" if is_tty else None,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    for i, c in enumerate(columns):
+        table.add_column(
+            c.header,
+            justify="left" if c.left else ("center" if c.header == "★" else "right"),
+            no_wrap=i != 0,
+            overflow="fold",
+        )
+    for (_, r), cells in zip(groups.iterrows(), rows):
+        style = (
+            ("bold green" if bool(r.get("pareto")) else ("dim" if bool(r.get("missing_energy")) else None))
+            if is_tty
+            else None
+        )
         table.add_row(*cells, style=style)
+    if title:
+        console.print(title, markup=False, overflow="fold")
     console.print(table)
     for note in notes:
-        console.print(note)
+        console.print(note, overflow="fold", markup=False)
+    if not is_tty:
+        file.write("".join(line.rstrip() + "\n" for line in out.getvalue().splitlines()))
 
 
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -688,7 +1324,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
         help="compare MLflow runs by energy, metric and Pareto front",
-        description="One row per run: kWh, gCO2e, J/sample, the metric, deltas and the Pareto front.",
+        description="One row per run (replicates grouped: mean±sd): energy, Δ vs a baseline, the metric, "
+        "the Pareto front and a one-line verdict. Fits the terminal (or 100 columns when piped); "
+        "--wide for every column, --format csv/json for machines (joules).",
     )
     p.add_argument(
         "-e",
@@ -705,21 +1343,52 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "--mode", choices=MODES, default="max", help="is a larger (max) or smaller (min) metric better"
     )
     p.add_argument(
-        "--baseline", default=None, metavar="RUN_ID|best|first", help="run to compute deltas against"
+        "--baseline",
+        default="first",
+        metavar="RUN|first|best|none",
+        help="run (id or name) to compute deltas against (default: first, the earliest run with energy)",
     )
-    p.add_argument("--target", type=float, default=None, help="add kWh to first reach this metric value")
     p.add_argument(
-        "--sort", default="kwh", help=f"one of {', '.join(SORT_KEYS)} or a column name (default: kwh)"
+        "--target", type=float, default=None, help="add the energy to first reach this metric value"
     )
-    p.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table")
-    p.add_argument("--plot", default=None, metavar="PNG", help="write a metric-vs-kWh scatter with the front")
+    p.add_argument(
+        "--sort", default="energy", help=f"one of {', '.join(SORT_KEYS)} or a column name (default: energy)"
+    )
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json", "markdown"),
+        default="table",
+        help="table (human, auto units), csv/json (one row per run, SI units), markdown",
+    )
+    p.add_argument(
+        "--wide", action="store_true", help="every column (per-domain energy, CO2e, J/sample, params)"
+    )
+    p.add_argument(
+        "--unit",
+        default="J",
+        metavar="UNIT",
+        help="energy unit: J or Wh (auto-scaled, default J) or a fixed one such as kWh or kJ",
+    )
+    p.add_argument(
+        "--no-group",
+        dest="group",
+        action="store_false",
+        help="one row per run even when runs share their params",
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="write a metric-vs-energy scatter with the front"
+    )
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--params", default=None, help="comma list of params to show (default: those that differ)")
     p.set_defaults(func=cli_compare)
 
 
 def sort_frame(df: pd.DataFrame, key: str, metric: str | None, mode: str) -> pd.DataFrame:
-    """Sorts by a ``SORT_KEYS`` key or a column, ties by the best metric; missing values last."""
+    """Sorts by a ``SORT_KEYS`` key or a column, ties by the best metric; missing values last.
+
+    Works on a :func:`compare_runs` frame and on a :func:`group_runs` frame (group means); attrs kept.
+    """
+    attrs = dict(df.attrs)
     column = SORT_KEYS.get(key, key)
     ascending = True
     if column == "<metric>":
@@ -729,10 +1398,13 @@ def sort_frame(df: pd.DataFrame, key: str, metric: str | None, mode: str) -> pd.
     if column not in df.columns:
         raise ConfigError("sort", key, [*SORT_KEYS, *[c for c in df.columns if c not in SORT_KEYS.values()]])
     if metric is not None and column != metric and metric in df.columns:  # ties: best metric first
-        return df.sort_values(
+        out = df.sort_values(
             [column, metric], ascending=[ascending, mode == "min"], na_position="last", kind="stable"
         )
-    return df.sort_values(column, ascending=ascending, na_position="last", kind="stable")
+    else:
+        out = df.sort_values(column, ascending=ascending, na_position="last", kind="stable")
+    out.attrs.update(attrs)
+    return out
 
 
 def cli_compare(args: argparse.Namespace) -> int:
@@ -744,8 +1416,14 @@ def cli_compare(args: argparse.Namespace) -> int:
             raise CliError("--target needs --metric")
         if args.plot and not args.metric:
             raise CliError("--plot needs --metric")
-        if args.baseline == "best" and not args.metric:
+        baseline = None if str(args.baseline).lower() == "none" else args.baseline
+        if baseline == "best" and not args.metric:
             raise CliError("--baseline best needs --metric")
+        unit = getattr(args, "unit", "J")
+        try:
+            render.energy_unit(unit)
+        except ValueError:
+            raise ConfigError("unit", unit, ["J", "Wh", "kWh", "kJ", "MJ", "Wh", "mWh", "..."]) from None
         probe_tracking(uri)
         params = [p.strip() for p in args.params.split(",") if p.strip()] if args.params else None
         df = compare_runs(
@@ -753,7 +1431,7 @@ def cli_compare(args: argparse.Namespace) -> int:
             filter=args.filter,
             metric=args.metric,
             mode=args.mode,
-            baseline=args.baseline,
+            baseline=baseline,
             tracking_uri=uri,
             params=params,
             target=args.target,
@@ -761,24 +1439,34 @@ def cli_compare(args: argparse.Namespace) -> int:
         if df.empty:
             print(f"no runs in {', '.join(args.experiments)} match", file=sys.stderr)
             return 0
-        attrs = dict(df.attrs)
-        df = sort_frame(df, args.sort, args.metric, args.mode)
-        df.attrs.update(attrs)
-        if args.format == "csv":
-            sys.stdout.write(df.to_csv(index=False))
-        elif args.format == "json":
-            import json
+        group = getattr(args, "group", True)
+        groups = group_runs(df, args.metric, args.mode, group=group)
+        if args.format in ("csv", "json"):
+            df = sort_frame(df, args.sort, args.metric, args.mode)
+            by_group = groups.set_index("group")
+            df["group_pareto"] = (
+                [bool(by_group.loc[g, "pareto"]) for g in df["group"]] if group else df["pareto"]
+            )
+            if args.format == "csv":
+                sys.stdout.write(df.to_csv(index=False))
+            else:
+                import json
 
-            sys.stdout.write(json.dumps(to_records(df), indent=1) + "\n")
-        elif args.format == "markdown":
-            sys.stdout.write(to_markdown(df, args.metric))
+                sys.stdout.write(json.dumps(to_records(df), indent=1) + "\n")
         else:
-            title = f"{', '.join(args.experiments)}: {len(df)} runs"
-            print_table(df, args.metric, title=title)
+            groups = sort_frame(groups, args.sort, args.metric, args.mode)
+            if args.format == "markdown":
+                sys.stdout.write(to_markdown(groups, args.metric, unit=unit))
+            else:
+                n_groups = len(groups)
+                title = f"{', '.join(args.experiments)}: {len(df)} runs" + (
+                    f" in {n_groups} groups" if n_groups < len(df) else ""
+                )
+                print_table(groups, args.metric, title=title, wide=args.wide, unit=unit)
         if args.plot:
             from wattlog.plots import plot_pareto
 
-            path = plot_pareto(df, args.metric, args.mode, args.plot)
+            path = plot_pareto(groups, args.metric, args.mode, args.plot, unit=unit)
             print(f"wrote {path}", file=sys.stderr)
         return 0
 
