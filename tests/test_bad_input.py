@@ -308,13 +308,13 @@ def test_compare_treats_missing_and_non_finite_energy_as_missing(store, capsys) 
     assert rc == 0 and err == ""
     rows = {r["run_name"]: r for r in json.loads(out)}
     for name in ("noenergy", "nan_energy", "inf_energy"):
-        assert rows[name]["missing_energy"] is True and rows[name]["total_kwh"] is None, name
+        assert rows[name]["missing_energy"] is True and rows[name]["total_j"] is None, name
         assert rows[name]["pareto"] is False
     assert rows["nan_energy"]["emissions_g"] is None
     assert rows["inf_metric"]["val_acc"] is None and rows["inf_metric"]["pareto"] is False
     assert {n for n, r in rows.items() if r["pareto"]} == {"good", "cheap"}
-    assert rows["good"]["delta_kwh"] == pytest.approx(0.0)  # baseline: the first run with finite energy
-    assert rows["cheap"]["delta_kwh"] == pytest.approx(-0.001)
+    assert rows["good"]["delta_j"] == pytest.approx(0.0)  # baseline: the first run with finite energy
+    assert rows["cheap"]["delta_j"] == pytest.approx(-0.001 * 3.6e6)
 
 
 def test_compare_table_footnotes_non_finite(store, capsys) -> None:
@@ -425,7 +425,7 @@ def test_python_api_raises_wattlog_errors(store, tmp_path) -> None:
     # NaN/inf energy never reaches a Pareto front or an energy-to-target figure
     df = compare_runs("bad", metric="val_acc", target=0.5, tracking_uri=uri)
     by_name = df.set_index("run_name")
-    assert math.isnan(by_name.loc["inf_energy", "kwh_to_target"])
+    assert math.isnan(by_name.loc["inf_energy", "j_to_target"])
     assert set(df.attrs["non_finite"]) == {
         "nan_energy: energy/total_kwh", "nan_energy: energy/emissions_g", "inf_energy: energy/total_kwh",
         "inf_metric: val_acc",

@@ -70,6 +70,10 @@ T_ESTIMATED = "energy.estimated"
 T_DEGRADED = "energy.degraded"
 T_PARTIAL = "energy.partial"
 T_ATTEMPTS = "energy.attempts"
+T_SHORT_RUN = "energy.short_run"
+T_SWEEP_ID = "energy.sweep_id"
+T_SWEEP_JOB = "energy.sweep_job"
+T_OVERRIDES = "energy.overrides"
 
 
 def attempt_tag(n: int) -> str:

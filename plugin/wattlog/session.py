@@ -420,7 +420,9 @@ class EnergySession:
             try:
                 from wattlog.plots import plot_power_trace
 
-                png = plot_power_trace(self.ledger.trace.plot_rows(), os.path.join(tmp, keys.POWER_PNG))
+                estimated = ",".join(c.kind for c in self._choices if c.estimated) or None
+                png = plot_power_trace(self.ledger.trace.plot_rows(), os.path.join(tmp, keys.POWER_PNG),
+                                       estimated=estimated)
                 self.sink.log_artifact(str(png), keys.ARTIFACT_DIR)
             except Exception as exc:  # noqa: BLE001 - a chart must not fail the run (matplotlib missing or broken)
                 self._degrade(f"power.png skipped: {type(exc).__name__}: {exc}", exc)

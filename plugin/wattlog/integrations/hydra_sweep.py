@@ -473,19 +473,18 @@ def _plot_pareto(rows: list[dict[str, Any]], metric: str, mode: str, path: Path)
     import pandas as pd
 
     from wattlog.plots import plot_pareto
-    from wattlog.units import J_PER_KWH
 
     est = [str(r.get("energy.estimated", "")) for r in rows]
     df = pd.DataFrame(
         {
-            "label": [f"#{r['job_num']}" if r["job_num"] != "" else str(r["run_name"]) for r in rows],
-            "energy_kwh": [r[ENERGY_KEY] / J_PER_KWH for r in rows],
+            "label": [str(r["run_name"]) or f"#{r['job_num']}" for r in rows],
+            "energy_j": [r[ENERGY_KEY] for r in rows],
             metric: [r[metric] for r in rows],
             "pareto": [bool(r["on_front"]) for r in rows],
             "estimated": ["" if e in ("", "none") else e for e in est],
         }
     )
     plot_pareto(
-        df, metric, mode, path, energy_col="energy_kwh", label_col="label", title="sweep: metric vs energy"
+        df, metric, mode, path, energy_col="energy_j", label_col="label", title="sweep: metric vs energy"
     )
 

@@ -24,7 +24,6 @@ resumes into the run that wrote it; ``validate/test/predict(ckpt_path=...)`` nev
 
 from __future__ import annotations
 
-import time
 import warnings
 import weakref
 from typing import Any
@@ -36,26 +35,7 @@ from wattlog.options import MonitorOptions
 from wattlog.session import EnergySession
 
 
-def _callback_bases() -> tuple[type, ...]:
-    bases: list[type] = []
-    try:
-        from lightning.pytorch import Callback as LCallback
-
-        bases.append(LCallback)
-    except ImportError:
-        pass
-    try:
-        from pytorch_lightning import Callback as PLCallback
-
-        bases.append(PLCallback)
-    except ImportError:
-        pass
-    if not bases:
-        raise ImportError("EnergyMonitor needs Lightning: pip install 'wattlog[lightning]'")
-    return tuple(bases)
-
-
-class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
+class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     """Log per-step GPU/CPU/RAM energy, power and CO2e of a Lightning run into MLflow.
 
     Args:
@@ -77,7 +57,6 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
         self._restored: dict[str, Any] | None = None
         self._cuda_marks: Any = None
         self._step_before = -1
-        self._shown_s = 0.0
         self._warned_no_run = False
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn, deepcopy: the options, never a live session
@@ -92,6 +71,8 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
         self._session = session = self._session_for(trainer)
         session.open(run.build_sink(trainer, self._target, self.options, session.report_degraded)
                      if session.rank == 0 else None)
+        if self.options.progress_bar:
+            run.show_in_progress_bar(trainer, self._progress_text)
         if self.options.idle_baseline_s > 0 and stage == "fit" and self._session.idle_power_w is None:
             self._session.measure_idle(self.options.idle_baseline_s)
         self._start_cuda_marks(trainer)
@@ -158,7 +139,6 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
         self._mark(None, step)
         if session.is_log_step(step):
             session.drain(collective=True)
-            self._show_progress(pl_module, session)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
@@ -235,13 +215,12 @@ class EnergyMonitor(*_callback_bases()):  # type: ignore[misc]
         if self._session is not None and self._session.measuring:
             self._session.end_stage(int(trainer.global_step), collective=collective)
 
-    def _show_progress(self, pl_module: Any, session: EnergySession) -> None:
-        now_s = time.perf_counter()
-        if not self.options.progress_bar or not session.progress or now_s - self._shown_s < 1.0:
-            return  # LightningModule.log costs ~1 ms: at most once a second
-        self._shown_s = now_s
-        pl_module.log("W", float(f"{session.progress['power_w']:.3g}"), prog_bar=True, logger=False)
-        pl_module.log("Wh", float(f"{session.progress['total_j'] / 3600.0:.3g}"), prog_bar=True, logger=False)
+    def _progress_text(self) -> dict[str, str]:
+        """``{"power": "212 W", "energy": "4.57 kJ"}`` for the progress bar (read on its own refresh)."""
+        from wattlog.render import progress_bar_text
+
+        progress = self._session.progress if self._session is not None else {}
+        return progress_bar_text(progress["power_w"], progress["total_j"]) if progress else {}
 
     def _start_cuda_marks(self, trainer: Any) -> None:
         if not self.options.sync_cuda and run.uses_cuda(trainer) and self._session is not None:

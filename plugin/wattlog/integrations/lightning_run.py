@@ -116,3 +116,48 @@ def link_disabled_run(trainer: Any) -> None:
         if _is_mlflow_logger(logger):
             for key, value in tags.items():
                 logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def show_in_progress_bar(trainer: Any, text: Callable[[], dict[str, str]]) -> None:
+    """Add ``text()`` (strings such as ``"212 W"``) to the trainer's progress bar, read at its refresh.
+
+    ``LightningModule.log`` takes numbers only (the bar would print ``0.000`` or a cut exponent) and
+    costs about a millisecond on the training thread; the bar's ``get_metrics`` takes strings.
+    """
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is None or getattr(bar, "_wattlog_text", None) is not None:
+        if bar is not None:
+            bar._wattlog_text = text
+        return
+    original = bar.get_metrics
+    bar._wattlog_text = text
+
+    def get_metrics(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        metrics = original(*args, **kwargs)
+        try:
+            metrics.update(bar._wattlog_text())
+        except Exception:  # noqa: BLE001 - the bar must never fail the run
+            pass
+        return metrics
+
+    bar.get_metrics = get_metrics
+
+
+def callback_bases() -> tuple[type, ...]:
+    """The ``Callback`` class of each installed Lightning namespace (``lightning.pytorch``, ``pytorch_lightning``)."""
+    bases: list[type] = []
+    try:
+        from lightning.pytorch import Callback as LCallback
+
+        bases.append(LCallback)
+    except ImportError:
+        pass
+    try:
+        from pytorch_lightning import Callback as PLCallback
+
+        bases.append(PLCallback)
+    except ImportError:
+        pass
+    if not bases:
+        raise ImportError("EnergyMonitor needs Lightning: pip install 'wattlog[lightning]'")
+    return tuple(bases)
