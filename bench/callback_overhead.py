@@ -1,6 +1,10 @@
 """Training throughput with and without EnergyMonitor, measured side by side in one process.
 
 Run: .venv/bin/python bench/callback_overhead.py [--steps 1000] [--pairs 3] [--every 1 50]
+     .venv/bin/python bench/callback_overhead.py --before ba18a6e [--steps 400] [--pairs 2]
+The second form measures the code at git revision BEFORE and the working tree side by side in one run:
+each pair of fits runs in a fresh subprocess with that version's ``plugin/`` first on ``sys.path``,
+the two versions alternating.
 The same CPU fit (an MLP, ~5-20 ms per step, MLFlowLogger on sqlite) alternates without and with
 EnergyMonitor, with log_every_n_steps=1 (a point per key per step, the worst case) and 50 (Lightning's
 default). Reports the
@@ -85,28 +89,64 @@ def hook_microbench(steps: int = 20000) -> tuple[float, float]:
     import torch
 
     from wattlog import EnergyMonitor
-    from wattlog.meter import EnergyMeter
-    from wattlog.sources.nvml import NvmlGpu
+    from wattlog.session import EnergySession
+    from wattlog.sinks.base import MemorySink
 
     monitor = EnergyMonitor(gpus=[0, 1], cpu="none", ram="none", log_every_n_steps=50, progress_bar=False)
-    monitor._meter = EnergyMeter([NvmlGpu()])
-    monitor._meter.start()
-    monitor._log_every = 50
-    trainer = types.SimpleNamespace(global_step=0, loggers=[])
+    monitor._session = EnergySession(monitor.options, gpus=[0, 1], log_every_n_steps=50)
+    monitor._session.open(MemorySink())
+    loop = types.SimpleNamespace(_batches_that_stepped=0)
+    trainer = types.SimpleNamespace(global_step=0, loggers=[], fit_loop=types.SimpleNamespace(epoch_loop=loop))
     batch = (torch.zeros(128, 256),)
     costs = []
     for i in range(steps):
         t0 = time.perf_counter_ns()
         monitor.on_train_batch_start(trainer, None, batch, i)
         trainer.global_step += 1
-        if trainer.global_step % 50:  # logging boundaries are drained by the reporter thread in a fit
-            monitor.on_train_batch_end(trainer, None, None, batch, i)
+        monitor.on_train_batch_end(trainer, None, None, batch, i)
         costs.append(time.perf_counter_ns() - t0)
-        if i % 1000 == 0:
-            monitor._meter.drain()
-    monitor._meter.close()
+        loop._batches_that_stepped += 1
+    monitor._session.close()
     costs.sort()
     return costs[len(costs) // 2] / 1e3, costs[int(0.99 * len(costs))] / 1e3
+
+
+def side_by_side(before: str, steps: int, pairs: int, everies: list[int]) -> None:
+    """Before (git revision) vs after (this tree), alternating subprocesses; prints one table."""
+    import re
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(here)
+    with tempfile.TemporaryDirectory() as tmp:
+        old = os.path.join(tmp, "before")
+        subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", old, before], check=True,
+                       capture_output=True)
+        try:
+            trees = {"before": os.path.join(old, "plugin"), "after": os.path.join(repo, "plugin")}
+            rows: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            for every in everies:
+                for pair in range(pairs):
+                    order = ("before", "after") if pair % 2 == 0 else ("after", "before")
+                    for label in order:
+                        env = dict(os.environ, PYTHONPATH=trees[label], PYTHONUNBUFFERED="1")
+                        out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--pairs", "1",
+                                              "--every", str(every), "--no-micro"], env=env, capture_output=True,
+                                             text=True, timeout=1800)
+                        m = re.search(r"ratio ([0-9.]+), callback hooks ([0-9.]+) us/step", out.stdout)
+                        if m is None:
+                            print(f"{label} every={every}: failed\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+                            continue
+                        rows.setdefault((label, every), []).append((float(m.group(1)), float(m.group(2))))
+                        print(f"{label:6s} log_every_n_steps={every} pair {pair}: ratio {m.group(1)}, "
+                              f"training-thread hooks {m.group(2)} us/step", flush=True)
+            print(f"\nside by side ({steps} steps per fit, {pairs} pairs; before = {before}, after = working tree)")
+            print("version  log_every  median ratio  median hooks us/step")
+            for (label, every), vals in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0] != "before")):
+                print(f"{label:7s}  {every:9d}  {statistics.median(v[0] for v in vals):12.4f}  "
+                      f"{statistics.median(v[1] for v in vals):20.1f}")
+        finally:
+            subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", old], capture_output=True)
 
 
 def main() -> None:
@@ -114,7 +154,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--every", type=int, nargs="+", default=[1, 50], help="log_every_n_steps values to measure")
+    ap.add_argument("--before", default=None, help="a git revision to measure side by side with this tree")
+    ap.add_argument("--no-micro", action="store_true", help="skip the direct-call microbenchmark")
     args = ap.parse_args()
+    if args.before:
+        side_by_side(args.before, args.steps, args.pairs, args.every)
+        return
     fake = FakeNvml([FakeGpu(power_w=250.0), FakeGpu(power_w=200.0)])
     sys.modules["pynvml"] = fake.module
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,9 +179,10 @@ def main() -> None:
                 print(f"log_every_n_steps={every} pair {pair}: without {tp_off:.1f} it/s, with {tp_on:.1f} it/s, "
                       f"ratio {tp_on / tp_off:.4f}, callback hooks {hook_us:.1f} us/step")
             summary.append((every, statistics.median(step_ms), statistics.median(ratios), statistics.median(hooks)))
-    median_us, p99_us = hook_microbench()
-    print(f"the hooks alone (called directly, no Lightning, idle threads): median {median_us:.1f} us, "
-          f"p99 {p99_us:.1f} us per step")
+    if not args.no_micro:
+        median_us, p99_us = hook_microbench()
+        print(f"the hooks alone (called directly, no Lightning, idle threads): median {median_us:.1f} us, "
+              f"p99 {p99_us:.1f} us per step")
     print(f"steps per fit: {args.steps}; targets: ratio >= 0.99, training-thread cost <= 50 us/step")
     for every, ms, ratio, hook in summary:
         print(f"log_every_n_steps={every}: step {ms:.1f} ms without monitor, median throughput ratio {ratio:.4f}, "

@@ -46,9 +46,10 @@ def main() -> None:
                 if trainer.global_step == kill_at:
                     with open(out_path, "w") as fh:
                         json.dump({"run_id": logger.run_id}, fh)
-                    # EnergyMonitor hands steps to the sink every 0.5 s (its reporter thread): wait for the
-                    # steps so far to reach the spool, as they would if the kill came a moment later
-                    time.sleep(1.5)
+                    # EnergyMonitor writes the spool at logging boundaries, batched every 0.25 s: let the
+                    # steps so far reach the spool, as they would if the kill came a moment later
+                    time.sleep(0.2)
+                    monitor._session.drain()
                     os.kill(os.getpid(), signal.SIGKILL)  # no teardown, no atexit: the sink is never closed
 
         callbacks.append(Killer())

@@ -2,7 +2,7 @@
 
 MLflow (experiment ``cfg.mlflow.experiment``): ``test_acc``, ``test_loss``, ``model_size_mb``,
 ``sparsity``, ``params_total``, ``params_nonzero``, ``recovery_steps``, ``test_latency_ms_per_sample``,
-``test_samples`` and EnergyMonitor's test keys (``energy/test_j_per_sample``, ``energy/test_kwh``...).
+``test_samples`` and EnergyMonitor's test keys (``energy/test_j_per_sample``, ``energy/test_j``...).
 """
 
 from __future__ import annotations

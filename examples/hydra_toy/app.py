@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
 
     Returns:
         ``cfg.objective.metric`` (e.g. ``val_r2``); with ``objective.return_energy`` the pair
-        ``(metric, energy/total_kwh)`` for a multi-objective Optuna sweep.
+        ``(metric, energy/total_j)`` for a multi-objective Optuna sweep.
     """
     logger = make_mlflow_logger(cfg)  # before seeding: MLflow's random run names use `random`
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -102,5 +102,5 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     trainer.test(model, val_loader, verbose=False)
     metric = _final_metric(logger, str(cfg.objective.metric))
     if cfg.objective.return_energy:
-        return metric, _final_metric(logger, "energy/total_kwh")
+        return metric, _final_metric(logger, "energy/total_j")
     return metric

@@ -138,7 +138,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             self._synchronize(trainer)
         self._mark(None, step)
         if session.is_log_step(step):
-            session.drain(collective=True)
+            session.log_step()
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
@@ -193,10 +193,11 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if session is None:
             return
         same_run = bool(state) and state.get("run_id") == (self._target.run_id if self._target else None)
+        start_step = int(trainer.global_step)  # the first step this fit logs (its loop counters restore later)
         if fit and state and same_run:
-            session.resume(state, run.logged_step(trainer))
+            session.resume(state, start_step)
         elif fit:
-            session.begin_attempt(run.logged_step(trainer))
+            session.begin_attempt(start_step)
         if state and not same_run:
             session.record_checkpoint(state, state.get("run_id"))
 
