@@ -265,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    try:
+        os.nice(10)  # the training process comes first; delivery has all the time it needs
+    except OSError:
+        pass
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     sys.exit(main())
