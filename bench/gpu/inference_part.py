@@ -122,6 +122,7 @@ def run_inference(res: Result) -> None:
             budget = min(P["infer_variant_s"], max(1.0, (res.remaining_s() - 10) / (len(left) + 1) - 4))
             n = int(min(5000, max(5, math.ceil(budget / batch_s))))
             out.update(batch_ms=round(batch_s * 1e3, 3), batches=n, samples=n * P["infer_batch"])
+            quiet_warnings()
             logger = MLFlowLogger(experiment_name="gpu-inference", tracking_uri=uri, run_name=variant)
             monitor = EnergyMonitor(gpus=[0], cpu="none", ram="none", spool_dir=str(d / "spool"))
             trainer = pl.Trainer(

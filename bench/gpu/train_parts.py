@@ -121,6 +121,7 @@ class Env:
             experiment_name="gpu-validation", tracking_uri=self.uri, run_name=f"{self.fits:02d}-{label}"
         )
         root = self.dir / f"fit{self.fits:02d}"
+        quiet_warnings()  # importing wattlog's sink (mlflow) puts Lightning's banner logger back to INFO
         trainer = self.pl.Trainer(
             accelerator="gpu" if self.cuda else "cpu",
             devices=1,

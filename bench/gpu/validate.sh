@@ -61,14 +61,18 @@ INSTALL=${WATTLOG_GPU_INSTALL:-$((1 - DRY))}
 if [ "$INSTALL" = 1 ]; then
   if [ -d .whl/gpu ]; then
     echo "== installing carried wheels from .whl/gpu ($(ls .whl/gpu/*.whl | wc -l) wheels, $(du -sh .whl/gpu | cut -f1))"
-    timeout 180 "$PY" -m pip install -q --no-index --find-links .whl/gpu --disable-pip-version-check \
-        --no-warn-script-location mlflow-skinny SQLAlchemy alembic hydra-core omegaconf antlr4-python3-runtime \
-      || echo "!! install of mlflow-skinny/hydra with dependencies failed (rc $?): the parts that need them will say so"
+    PIP=("$PY" -m pip install -q --no-index --find-links .whl/gpu --disable-pip-version-check --no-warn-script-location)
+    # Into the image's environment; where that fails (read-only, conflicts), into a folder put last on the path.
+    if ! timeout 180 "${PIP[@]}" mlflow-skinny SQLAlchemy alembic hydra-core omegaconf antlr4-python3-runtime; then
+      echo "!! install into the environment failed; retrying into $SCRATCH/deps (last on PYTHONPATH)"
+      timeout 180 "${PIP[@]}" --target "$SCRATCH/deps" mlflow-skinny SQLAlchemy alembic hydra-core omegaconf \
+        antlr4-python3-runtime || echo "!! install of mlflow-skinny/hydra failed (rc $?): the parts that need them will say so"
+    fi
     for w in zeus codecarbon; do
       f=$(ls .whl/gpu/"$w"-*.whl 2>/dev/null | head -1)
       if [ -n "$f" ]; then
-        timeout 60 "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check "$f" \
-          || echo "!! install of $f failed (rc $?)"
+        timeout 60 "${PIP[@]}" --no-deps "$f" || timeout 60 "${PIP[@]}" --no-deps --target "$SCRATCH/deps" "$f" \
+          || echo "!! install of $f failed"
       fi
     done
     install_torchao
@@ -86,7 +90,7 @@ else
   fi
   install_torchao
 fi
-export PYTHONPATH="$REPO/plugin:$REPO${PYTHONPATH:+:$PYTHONPATH}${SCRATCH:+:$SCRATCH/site}"
+export PYTHONPATH="$REPO/plugin:$REPO${PYTHONPATH:+:$PYTHONPATH}:$SCRATCH/site:$SCRATCH/deps"
 "$PY" -c 'import wattlog, sys; print("wattlog", wattlog.__version__, "from", wattlog.__file__)'
 echo "== install done at $(elapsed) s"
 
