@@ -271,4 +271,6 @@ if __name__ == "__main__":
         pass
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    os._exit(exit_code)  # acks are flushed and closed: skip MLflow's and SQLAlchemy's interpreter teardown
