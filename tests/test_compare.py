@@ -498,7 +498,7 @@ def test_cli_unreachable_server_redacts_credentials(
     uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"
     rc, out, err = run_cli(["compare", "-e", "x", "--tracking-uri", uri], capsys)
     assert rc == 2 and out == "" and "cannot reach the MLflow tracking server" in err
-    assert "s3cret" not in err and "alice" not in err and "***@127.0.0.1" in err
+    assert "s3cret" not in err and "alice" not in err and "127.0.0.1" in err
     assert "Traceback" not in err
 
 
@@ -509,7 +509,7 @@ def test_cli_missing_sqlite_file(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 def test_redact_uri() -> None:
-    assert redact_uri("https://u:p@host:5000/x?token=abc&a=1") == "https://***@host:5000/x?token=***&a=1"
+    assert redact_uri("https://u:p@host:5000/x?token=abc&a=1") == "https://host:5000/x?token=***&a=1"
     assert redact_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
 
 

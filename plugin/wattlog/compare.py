@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from wattlog.redact import redact_uri  # noqa: F401 - re-exported for callers of wattlog.compare
 from wattlog import keys, render
 from wattlog.errors import ConfigError
 from wattlog.pareto import pareto_mask, pareto_mask_noisy
@@ -1229,28 +1230,6 @@ def _plain(v: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def redact_uri(uri: str | None) -> str:
-    """The tracking URI without user:password and with secret-looking query values hidden."""
-    if not uri:
-        return str(uri)
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparsable tracking URI>"
-    out = uri
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
-        out = out.replace(userinfo + "@", "***@", 1)
-    if parts.query:
-        query = re.sub(
-            r"(?i)((?:token|password|passwd|secret|key|auth|sig|signature)[^=&]*)=[^&]*",
-            r"\1=***",
-            parts.query,
-        )
-        out = out.replace("?" + parts.query, "?" + query, 1)
-    return out
-
-
 class CliError(Exception):
     """A user-facing error: printed without traceback, exit code 2."""
 
@@ -1260,12 +1239,14 @@ def resolve_tracking_uri(uri: str | None) -> str | None:
 
 
 def _redact_text(text: str, uri: str | None) -> str:
+    from wattlog.redact import redact_text
+
     if uri:
         text = text.replace(uri, redact_uri(uri))
         parts = urlsplit(uri)
         if "@" in parts.netloc:
-            text = text.replace(parts.netloc.rsplit("@", 1)[0] + "@", "***@")
-    return text
+            text = text.replace(parts.netloc.rsplit("@", 1)[0] + "@", "")
+    return redact_text(text)
 
 
 def probe_tracking(uri: str | None, timeout_s: int = 5) -> None:

@@ -58,6 +58,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._cuda_marks: Any = None
         self._step_before = -1
         self._warned_no_run = False
+        self._warned_samples = False
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn, deepcopy: the options, never a live session
         return {**self.__dict__, "_session": None, "_owner": None, "_target": None, "_cuda_marks": None}
@@ -127,7 +128,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if self.options.sync_cuda and self._session and self._session.is_log_step(run.logged_step(trainer)):
             self._synchronize(trainer)
         self._step_before = trainer.global_step
-        self._mark(StepLabel("train", None, self._count(batch)))
+        self._mark(StepLabel("train", None, self._samples(batch)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         session = self._session
@@ -142,15 +143,15 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
-        self._mark(StepLabel("other" if trainer.sanity_checking else "val", trainer.global_step, self._count(batch)))
+        self._mark(StepLabel("other" if trainer.sanity_checking else "val", trainer.global_step, self._samples(batch)))
 
     def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                             dataloader_idx: int = 0) -> None:
-        self._mark(StepLabel("test", batch_idx, self._count(batch)))
+        self._mark(StepLabel("test", batch_idx, self._samples(batch)))
 
     def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                dataloader_idx: int = 0) -> None:
-        self._mark(StepLabel("predict", batch_idx, self._count(batch)))
+        self._mark(StepLabel("predict", batch_idx, self._samples(batch)))
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -200,6 +201,14 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             session.begin_attempt(start_step)
         if state and not same_run:
             session.record_checkpoint(state, state.get("run_id"))
+
+    def _samples(self, batch: Any) -> int:
+        n = self._count(batch)
+        if not n and not self._warned_samples:  # J/sample keys need it: say once how to fix it
+            self._warned_samples = True
+            warnings.warn(f"wattlog: cannot count the samples in a batch of type {type(batch).__name__}; the "
+                          "J/sample keys are left out. Pass EnergyMonitor(batch_size_fn=...)", WattlogWarning, 2)
+        return n
 
     def _mark(self, label: Any, step: int | None = None) -> None:
         if self._session is None:
