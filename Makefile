@@ -83,10 +83,10 @@ test-compat: $(COMPAT_STAMP)
 	WATTLOG_STRICT=1 $(COMPAT_PY) -m pytest -p no:cacheprovider $(COMPAT_TESTS)
 
 # torch first, exactly as for .venv; then wattlog with every declared lower bound pinned.
-$(COMPAT_STAMP): pyproject.toml $(COMPAT_CONSTRAINTS)
+$(COMPAT_STAMP): pyproject.toml $(COMPAT_CONSTRAINTS) Makefile
 	$(MAKE) torch VENV=$(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install -q -c $(COMPAT_CONSTRAINTS) -e ".[lightning,mlflow,hydra,sweep]" \
-	  pytorch-lightning pytest pytest-timeout
+	  pytorch-lightning pytest pytest-timeout psycopg2-binary hydra-submitit-launcher
 	touch $@
 
 # ---- framework-free parts on another Python, without torch or Lightning (newest dependencies)
