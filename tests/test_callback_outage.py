@@ -13,6 +13,9 @@ from lightning_helpers import loader, make_module  # noqa: E402
 
 from wattlog import EnergyMonitor  # noqa: E402
 from wattlog.cli import main as cli_main  # noqa: E402
+from wattlog.errors import WattlogWarning  # noqa: E402
+
+STEP_KEYS = ("energy/step_j", "energy/power_w", "energy/total_j", "energy/emissions_g")
 
 
 def _refusing_uri() -> str:
@@ -23,38 +26,43 @@ def _refusing_uri() -> str:
 
 @pytest.mark.slow
 def test_outage_spools_and_sync_delivers_exactly_once(mlflow_uri, tmp_path, monkeypatch, capsys):
-    from lightning.pytorch.loggers import MLFlowLogger
+    import mlflow
     from mlflow import MlflowClient
 
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)  # production policy: degrade, never kill training
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("WATTLOG_DELIVERY_REQUEST_TIMEOUT_S", "2")
     spool_dir = tmp_path / "spool"
+    n_steps = 12
     pl, module = make_module()
-    logger = MLFlowLogger(experiment_name="outage", tracking_uri=mlflow_uri)
-    run_id = logger.run_id  # the run exists in the sqlite store ...
-    logger._tracking_uri = _refusing_uri()  # ... but the tracking server is down for the whole fit
+    mlflow.set_tracking_uri(mlflow_uri)
+    run_id = mlflow.start_run().info.run_id  # the run exists in the sqlite store ...
+    mlflow.set_tracking_uri(_refusing_uri())  # ... but the tracking server is down for the whole fit
     monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1,
-                            spool_dir=str(spool_dir), artifacts=False)
-    trainer = pl.Trainer(max_steps=12, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                            spool_dir=str(spool_dir), artifacts=False, delivery_timeout_s=1)
+    trainer = pl.Trainer(max_steps=n_steps, callbacks=[monitor], logger=False, enable_checkpointing=False,
                          default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False)
-    monitor._resolve_run = lambda trainer: (run_id, logger._tracking_uri)
-    with pytest.warns(UserWarning, match="(?i)unreachable|spool"):
-        trainer.fit(module, loader(64))
-    assert trainer.global_step == 12  # training finished
-    monitor._sink.close(timeout_s=1)
-    assert MlflowClient(mlflow_uri).get_metric_history(run_id, "energy/step_j") == []
+    try:
+        with pytest.warns(WattlogWarning) as rec:
+            trainer.fit(module, loader(64))  # the monitor logs into MLflow's active run
+    finally:
+        mlflow.set_tracking_uri(mlflow_uri)
+        mlflow.end_run()
+    assert trainer.global_step == n_steps  # training finished
     spools = list(spool_dir.glob("*.jsonl"))
-    assert len(spools) == 1
+    assert [p.name for p in spools] == [f"{run_id}.jsonl"]
+    texts = [str(w.message) for w in rec]
+    assert any(f"wattlog sync --spool {spools[0]}" in t for t in texts), texts  # the user is told what to do
+    assert MlflowClient(mlflow_uri).get_metric_history(run_id, "energy/step_j") == []
 
     assert cli_main(["sync", "--spool", str(spool_dir), "--tracking-uri", mlflow_uri]) == 0
     client = MlflowClient(mlflow_uri)
-    for key in ("energy/step_j", "energy/power_w", "energy/total_kwh", "energy/emissions_g"):
+    for key in STEP_KEYS:
         counts = collections.Counter(m.step for m in client.get_metric_history(run_id, key))
-        assert set(range(1, 13)) <= set(counts), key
-        assert all(c == 1 for s, c in counts.items() if s != 12), key
+        summary = {n_steps} if key in ("energy/total_j", "energy/emissions_g") else set()  # the stage summary
+        assert set(range(n_steps)) <= set(counts) <= set(range(n_steps)) | summary, key
+        assert set(counts.values()) == {1}, key  # never two points at one (key, step)
     metrics = client.get_run(run_id).data.metrics
-    assert metrics["energy/total_kwh"] > 0 and "energy/train_kwh" in metrics  # summaries were spooled too
+    assert metrics["energy/total_j"] > 0 and "energy/train_j" in metrics  # summaries were spooled too
     capsys.readouterr()
     assert cli_main(["sync", "--spool", str(spool_dir), "--tracking-uri", mlflow_uri]) == 0
     assert "sent 0 points" in capsys.readouterr().out  # idempotent: a second sync adds nothing

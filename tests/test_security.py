@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import stat
 import warnings
 from pathlib import Path
@@ -70,17 +71,29 @@ def test_credentials_never_leak_through_the_whole_callback(tmp_path, template_db
         uri = f"http://wattlog:{CANARY}@127.0.0.1:{server.port}"  # mlflow accepts basic-auth userinfo
         logger = MLFlowLogger(experiment_name="sec", tracking_uri=uri)
         monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1,
-                                spool_dir=str(spool_dir), artifacts=True)
+                                spool_dir=str(spool_dir), artifacts=True, delivery_timeout_s=120)
+        cmdlines: list[str] = []
+
+        def read_cmdline() -> None:  # the delivery process's command line: what `ps` shows every user
+            sink = monitor._session.sink
+            with open(f"/proc/{getattr(sink, 'primary', sink).delivery_pid}/cmdline", "rb") as f:
+                cmdlines.append(f.read().decode())
+
+        def kill_and_tag() -> None:  # a record that waits for MLflow while it is down: the outage is seen
+            server.kill()
+            monitor._session.sink.set_tags({"energy.test_outage": f"while {uri} was down"})
+
         trainer = pl.Trainer(max_steps=30, logger=logger, enable_checkpointing=False, default_root_dir=tmp_path,
                              enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[monitor, at_steps({8: server.kill, 16: server.start})])
+                             callbacks=[monitor, at_steps({4: read_cmdline, 8: kill_and_tag, 16: server.start})])
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            trainer.fit(quiet_module(), loader(120))
-            assert monitor._sink.flush(timeout_s=120)
-            monitor._sink.close()
+            trainer.fit(quiet_module(step_sleep_s=0.05), loader(120))  # the end of fit waits for delivery
         texts = [str(w.message) for w in rec if issubclass(w.category, WattlogWarning)]
-        assert any("MLflow unreachable" in t for t in texts)  # the outage was reported ...
+        assert not [t for t in texts if "wattlog sync" in t], texts  # everything was delivered
+        assert cmdlines and "wattlog.sinks.deliver" in cmdlines[0]
+        _assert_no_canary("the delivery process's command line", cmdlines[0])
+        assert any("is unreachable" in t for t in texts)  # the outage was reported ...
         _assert_no_canary("warnings", "\n".join(texts))  # ... without the credentials
         _assert_no_canary("log records", caplog.text)
         out = capsys.readouterr()
@@ -114,7 +127,7 @@ def test_unreachable_credentialed_uri_and_token_never_leak(store, tmp_path, monk
     uri = f"https://user:{CANARY}@127.0.0.1:9"  # nobody listens: every send fails with the URI in the error
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", max_backoff_s=0.05)
+        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
         sink.start()
         sink.log_points([Point("energy/step_j", 1.0, 1, 1)])
         # a degraded-reason tag or param that carries a credentialed URL is stored redacted
@@ -123,7 +136,7 @@ def test_unreachable_credentialed_uri_and_token_never_leak(store, tmp_path, monk
         assert sink.flush(timeout_s=1.0) is False
         sink.close(timeout_s=0.1)
     texts = [str(w.message) for w in rec]
-    assert any("MLflow unreachable" in t for t in texts)
+    assert any("is unreachable" in t for t in texts) and any("wattlog sync --spool" in t for t in texts)
     for where, text in [("warnings", "\n".join(texts)), ("logs", caplog.text), ("spool", _all_text_under(tmp_path / "spool")),
                         ("output", "".join(capsys.readouterr()))]:
         _assert_no_canary(where, text)
@@ -133,14 +146,15 @@ def test_unreachable_credentialed_uri_and_token_never_leak(store, tmp_path, monk
     assert run.data.params["energy.note"] == "token=***"
 
     monkeypatch.setenv("WATTLOG_STRICT", "1")  # strict mode: the raised error is redacted too
-    strict = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool2", max_backoff_s=0.05)
+    strict = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool2")
     strict.start()
     strict.log_points([Point("energy/step_j", 1.0, 1, 1)])
     with pytest.raises(SinkError) as err:
-        strict.flush(timeout_s=30)
+        strict.flush(timeout_s=60)
     _assert_no_canary("the strict-mode error", str(err.value))
-    with pytest.raises(SinkError):
+    with pytest.raises(SinkError) as err:
         strict.close(timeout_s=0.1)
+    _assert_no_canary("the strict-mode error at close", str(err.value))
 
 
 @pytest.mark.parametrize("bad", ["../../etc", "..", ".", "a/b", "a\\b", "x\0y", "-rf", "_x", "", " ", "ü1", 123,
@@ -191,15 +205,16 @@ def test_spool_files_are_private_and_paths_never_come_from_keys(store, tmp_path,
     src.write_text("a,b\n1,2\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", WattlogWarning)
-        sink = MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=spool_dir, max_backoff_s=0.05)
+        sink = MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=spool_dir)
         sink.start()
         sink.log_points([Point("../../evil", 1.0, 1, 1), Point("/abs", 1.0, 1, 1), Point("energy/step_j", 1.0, 1, 1)])
         sink.log_artifact(src, "energy")
         sink.close(timeout_s=0.2)  # unreachable: the copy stays in the spool
     assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
     entries = sorted(spool_dir.rglob("*"))
-    assert {p.relative_to(spool_dir).parts[0] for p in entries} == {
-        f"{run_id}.jsonl", f"{run_id}.jsonl.ack", f"{run_id}.artifacts"}
+    tops = {p.relative_to(spool_dir).parts[0] for p in entries}
+    assert {f"{run_id}.jsonl", f"{run_id}.artifacts"} <= tops <= {
+        f"{run_id}.jsonl", f"{run_id}.jsonl.ack", f"{run_id}.artifacts"}  # no ack file until something is acked
     for p in entries:
         assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
     assert not (tmp_path / "evil").exists() and not Path("/abs").exists()
@@ -336,8 +351,10 @@ def test_a_writable_spool_dir_of_another_user_is_refused(store, tmp_path, monkey
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.warns(WattlogWarning, match="cannot write the spool.*other users"):
-        sink = MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=d, max_backoff_s=0.05)
+        sink = MlflowSink(run_id, "http://127.0.0.1:9", spool_dir=d)
         sink.start()
         sink.log_points([Point("energy/step_j", 1.0, 1, 1)])
         sink.close(timeout_s=0.1)
     assert list(d.iterdir()) == []
+    assert not str(sink.spool_path).startswith(str(d))  # a private temporary spool took over
+    shutil.rmtree(sink.spool_path.parent, ignore_errors=True)

@@ -1,24 +1,43 @@
-"""MlflowSink against a real sqlite MLflow store (and, marked slow, a real `mlflow server`)."""
+"""MlflowSink (spool + delivery child process) and its Follower, against a real sqlite MLflow store.
+
+The training process only appends to the spool; ``python -m wattlog.sinks.deliver`` (a child process)
+follows it and writes to MLflow. Tests that need a misbehaving MLflow client run the child's
+:class:`~wattlog.sinks.deliver.Follower` in-process with a fake ``client_factory``; the rest run the
+real child. Marked slow: a real ``mlflow server`` killed mid-stream, and a parent death during an outage.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
 import stat
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE  # noqa: E402
+from mlflow.protos.databricks_pb2 import (  # noqa: E402
+    INVALID_PARAMETER_VALUE,
+    PERMISSION_DENIED,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+)
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from wattlog.errors import ConfigError, SinkError, WattlogWarning  # noqa: E402
+from wattlog.sinks.deliver import Follower, classify  # noqa: E402
 from wattlog.sinks.mlflow import MlflowSink, Point, redact_uri, sync  # noqa: E402
 from wattlog.sinks.spool import ack_file, artifacts_dir, read_acks  # noqa: E402
 
@@ -45,9 +64,8 @@ def store(tmp_path: Path, template_db: Path) -> tuple[str, MlflowClient, str]:
 
 @pytest.fixture
 def lenient(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Non-strict failure policy; MLflow's own HTTP retries off, so refusals surface at once."""
+    """Non-strict failure policy (warn, never raise)."""
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def make_points(n_steps: int, keys: list[str] = KEYS, step0: int = 0) -> list[list[Point]]:
@@ -70,11 +88,80 @@ def assert_exactly_once(client: MlflowClient, run_id: str, n_steps: int, keys: l
 
 
 def unreachable_warnings(rec: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in rec if "MLflow unreachable" in str(w.message)]
+    return [str(w.message) for w in rec if "is unreachable" in str(w.message)]
+
+
+def left_warnings(rec: list[warnings.WarningMessage], spool_path: Path) -> list[str]:
+    return [str(w.message) for w in rec if f"wattlog sync --spool {spool_path}" in str(w.message)]
+
+
+def dead_uri() -> str:
+    """An http URI nobody listens on: connections are refused at once."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def unacked(spool_path: Path) -> int:
+    """How many records of a spool MLflow has not acknowledged (what `wattlog sync` would send)."""
+    return Follower(spool_path, "sqlite:///unused.db").poll()
+
+
+def spool_only(run_id: str, spool_dir: Path, fill) -> Path:
+    """A spool written by a sink without a delivery process (``deliver=False``); ``fill(sink)`` logs."""
+    sink = MlflowSink(run_id, "sqlite:///unused.db", spool_dir=spool_dir, deliver=False)
+    sink.start()
+    fill(sink)
+    sink.close()
+    return sink.spool_path
+
+
+def drive(follower: Follower, rounds: int = 20_000) -> None:
+    """Run a Follower in-process (the delivery child's loop, without its parent) until nothing is pending."""
+    for _ in range(rounds):
+        follower.poll()
+        if follower.pending == 0:
+            return
+        if not follower.deliver():
+            time.sleep(0.002)  # backing off
+    raise AssertionError(f"{follower.pending} records still pending after {rounds} rounds")
+
+
+def open_files() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def exited(pid: int) -> bool:
+    """True once ``pid`` is gone (or a zombie nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def wait_exited(pid: int, limit_s: float = 120.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not exited(pid):
+        assert time.monotonic() < deadline, f"delivery process {pid} is still running"
+        time.sleep(0.05)
 
 
 class FlakyClient:
-    """A real MlflowClient whose first ``fail`` log_batch calls raise; records the calling threads.
+    """A real MlflowClient whose first ``fail`` log_batch calls raise; counts the calls.
 
     With ``deliver_then_fail``, a failing call first delivers the batch (the response was lost).
     """
@@ -84,11 +171,9 @@ class FlakyClient:
         self.fail = fail
         self.deliver_then_fail = deliver_then_fail
         self.calls = 0
-        self.threads: set[str] = set()
 
     def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
         self.calls += 1
-        self.threads.add(threading.current_thread().name)
         if self.fail > 0:
             self.fail -= 1
             if self.deliver_then_fail:
@@ -100,20 +185,37 @@ class FlakyClient:
         return getattr(self.real, name)
 
 
-def test_points_land_exactly_once_off_the_caller_thread(store, tmp_path):
+class RecordingClient:
+    """No MLflow at all: remembers every metric it is sent (for volumes a sqlite store is slow at)."""
+
+    def __init__(self) -> None:
+        self.metrics: list = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        self.metrics.extend(metrics)
+
+    def get_metric_history(self, run_id, key):
+        return [m for m in self.metrics if m.key == key]
+
+
+# --------------------------------------------------------------------- the sink with its delivery process
+
+
+def test_points_land_exactly_once_through_the_delivery_process(store, tmp_path):
     uri, client, run_id = store
-    flaky = FlakyClient(uri)
-    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.2,
-                      _client_factory=lambda u: flaky)
+    threads_before = set(threading.enumerate())
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
     sink.start()
+    pid = sink.delivery_pid
+    assert pid is not None and pid != os.getpid()  # delivery happens in a child process ...
     for step_points in make_points(1000):  # 5,000 points
         sink.log_points(step_points)
+    assert set(threading.enumerate()) <= threads_before  # ... and the training process starts no thread
     assert sink.flush(timeout_s=120)
     sink.close()
-    assert sink.pending_points == 0
+    assert sink.delivery_pid is None and exited(pid)  # nothing left behind
+    assert str(sink.spool_path) not in open_files()
     assert_exactly_once(client, run_id, 1000)
-    assert flaky.threads == {"wattlog-mlflow-writer"}
-    assert threading.current_thread().name not in flaky.threads
     assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 5000)]
     sink.close()  # idempotent
 
@@ -136,24 +238,31 @@ def test_spool_format_and_permissions(store, tmp_path):
     assert line == {"seq": 1, "k": "energy/step_j", "v": 1.5, "s": 3, "t": 1234}
 
 
+def test_logged_values_are_read_from_the_spool(tmp_path):
+    def fill(sink):
+        sink.log_points([Point("energy/total_j", float(10 * s), s, 1) for s in range(6)])
+        sink.log_points([Point("energy/step_j", 1.0, 9, 1)])
+
+    path = spool_only("run1", tmp_path / "spool", fill)
+    sink = MlflowSink("run1", "sqlite:///unused.db", spool_dir=path.parent, deliver=False)
+    assert sink.logged_values("energy/total_j", 3) == {3: 30.0, 4: 40.0, 5: 50.0}
+    assert sink.logged_values("energy/missing", 0) == {}
+
+
 def test_outage_spools_everything_then_sync_delivers(store, tmp_path, lenient):
     uri, client, run_id = store
-    dead = f"http://127.0.0.1:{free_port()}"
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        sink = MlflowSink(run_id, dead, spool_dir=tmp_path / "spool", batch_size=50,
-                          flush_interval_s=0.05, max_backoff_s=0.05)
+        sink = MlflowSink(run_id, dead_uri(), spool_dir=tmp_path / "spool")
         sink.start()
         for step_points in make_points(200):
             sink.log_points(step_points)  # neither blocks nor raises
         assert sink.flush(timeout_s=1.0) is False
-        time.sleep(0.3)  # several more retries
         sink.close(timeout_s=0.2)
     assert len(unreachable_warnings(rec)) == 1
-    msg = unreachable_warnings(rec)[0]
-    assert str(sink.spool_path) in msg and "wattlog sync" in msg
-    assert any("not delivered" in str(w.message) for w in rec)
-    assert sink.pending_points == 1000
+    assert str(sink.spool_path) in unreachable_warnings(rec)[0]
+    assert len(left_warnings(rec, sink.spool_path)) == 1
+    assert unacked(sink.spool_path) == 1000
     assert len(sink.spool_path.read_text().splitlines()) == 1 + 1000
     assert history_counts(client, run_id) == dict.fromkeys(KEYS, 0)
 
@@ -165,100 +274,94 @@ def test_outage_spools_everything_then_sync_delivers(store, tmp_path, lenient):
     assert history_counts(client, run_id) == dict.fromkeys(KEYS, 200)
 
 
-@pytest.mark.parametrize("deliver_then_fail", [False, True], ids=["refused", "response-lost"])
-def test_server_comes_back_every_point_once(store, tmp_path, lenient, deliver_then_fail):
+def test_close_leaving_records_warns_once_with_the_sync_hint(store, tmp_path, lenient):
     uri, client, run_id = store
-    flaky = FlakyClient(uri, fail=3, deliver_then_fail=deliver_then_fail)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", batch_size=100,
-                          flush_interval_s=0.05, max_backoff_s=0.05, _client_factory=lambda u: flaky)
+        sink = MlflowSink(run_id, dead_uri(), spool_dir=tmp_path / "spool")
         sink.start()
-        for step_points in make_points(300):
+        for step_points in make_points(20):
             sink.log_points(step_points)
-        assert sink.flush(timeout_s=60)
-        sink.close()
-    assert flaky.fail == 0 and flaky.calls > 3
-    assert len(unreachable_warnings(rec)) == 1
-    assert_exactly_once(client, run_id, 300)
-    assert sync(sink.spool_path, tracking_uri=uri).sent == 0
+        sink.close(timeout_s=0.5)
+    texts = [str(w.message) for w in rec if issubclass(w.category, WattlogWarning)]
+    assert len(left_warnings(rec, sink.spool_path)) == 1, texts
+    assert unacked(sink.spool_path) == 100  # all of it is still in the spool
+    assert sink.delivery_pid is None and str(sink.spool_path) not in open_files()
+    assert sync(sink.spool_path, tracking_uri=uri).sent == 100
+    assert_exactly_once(client, run_id, 20)
 
 
-def test_memory_bound_spills_to_spool_and_reads_back(store, tmp_path, lenient):
-    uri, client, run_id = store
-    gate = threading.Event()
+def test_strict_close_leaving_records_raises(store, tmp_path, monkeypatch):
+    _uri, _client, run_id = store
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    sink = MlflowSink(run_id, dead_uri(), spool_dir=tmp_path / "spool")
+    sink.start()
+    sink.log_points(make_points(1)[0])  # the training thread is never interrupted
+    with pytest.raises(SinkError) as err:
+        sink.close(timeout_s=0.2)
+    assert str(sink.spool_path) in str(err.value)
+    sink.close()  # idempotent, no second raise
+    assert unacked(sink.spool_path) == 5
 
-    class GatedClient(FlakyClient):
-        def log_batch(self, run_id, **kw):
-            if not gate.is_set():
-                raise MlflowException("503 Service Unavailable", error_code=TEMPORARILY_UNAVAILABLE)
-            return super().log_batch(run_id, **kw)
 
-    gated = GatedClient(uri)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", WattlogWarning)
-        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", batch_size=40, flush_interval_s=0.02,
-                          max_backoff_s=0.02, max_buffer_points=50, _client_factory=lambda u: gated)
-        sink.start()
-        art = tmp_path / "early.bin"
-        art.write_bytes(b"spilled")
-        for s, step_points in enumerate(make_points(100)):
-            sink.log_points(step_points)
-            if s == 5:  # run data early on: it is spilled and read back from the spool like points
-                sink.log_params({"energy.pue": 1.1})
-                sink.set_tags({"energy.estimated": "cpu"})
-                sink.log_artifact(art, "energy")
-                art.unlink()
-        assert sink.flush(timeout_s=0.5) is False
-        assert sink.pending_points == 503
-        assert len(sink._unsent) <= 50  # the rest lives only in the spool
-        gate.set()
-        assert sink.flush(timeout_s=60)
-        sink.close()
-    assert_exactly_once(client, run_id, 100)
-    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 503)]
-    run = client.get_run(run_id)
-    assert run.data.params == {"energy.pue": "1.1"} and run.data.tags["energy.estimated"] == "cpu"
-    assert [(f.path, f.file_size) for f in client.list_artifacts(run_id, "energy")] == [("energy/early.bin", 7)]
-    assert list(artifacts_dir(sink.spool_path.parent, run_id).iterdir()) == []  # delivered copies deleted
+def test_strict_close_that_raises_still_releases_the_spool_file(store, tmp_path, monkeypatch):
+    _uri, _client, run_id = store
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    sink = MlflowSink(run_id, dead_uri(), spool_dir=tmp_path / "spool")
+    sink.start()
+    sink.log_points(make_points(1)[0])
+    with pytest.raises(SinkError):
+        sink.close(timeout_s=0.2)
+    sink.close()
+    assert str(sink.spool_path) not in open_files()
+
+
+def test_close_timeout_is_honoured_while_the_child_is_busy(store, tmp_path, lenient):
+    uri, _client, run_id = store
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    sink.start()
+    for s in range(20_000):  # 20 batches; each takes the sqlite store a noticeable time
+        sink.log_points([Point("energy/k0", float(s), s, 1)])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sink.close(timeout_s=0)  # "deliver what you can in 0 s, leave the rest for `wattlog sync`"
+    assert unacked(sink.spool_path) > 0
+    assert len(left_warnings(rec, sink.spool_path)) == 1
 
 
 def test_restart_resends_what_a_previous_session_left(store, tmp_path, lenient):
     uri, client, run_id = store
-    dead = f"http://127.0.0.1:{free_port()}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", WattlogWarning)
-        first = MlflowSink(run_id, dead, spool_dir=tmp_path / "spool", max_backoff_s=0.05)
+        first = MlflowSink(run_id, dead_uri(), spool_dir=tmp_path / "spool")
         first.start()
         for step_points in make_points(50):
             first.log_points(step_points)
         first.log_params({"energy.gpu_method": "none"})
         first.close(timeout_s=0.3)
-    assert first.pending_points == 251
+    assert unacked(first.spool_path) == 251
 
-    second = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.05)
+    second = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
     second.start()
-    assert second.pending_points == 251
     for step_points in make_points(50, step0=50):
         second.log_points(step_points)
-    assert second.flush(60)
+    assert second.flush(60)  # covers the first session's records too
     second.close()
     assert_exactly_once(client, run_id, 100)
     assert client.get_run(run_id).data.params == {"energy.gpu_method": "none"}
+    assert read_acks(ack_file(second.spool_path)).ranges == [(1, 501)]
     assert sync(second.spool_path, tracking_uri=uri).sent == 0
 
 
 def test_strict_mode_raises_from_flush_and_close(store, tmp_path, monkeypatch):
     _uri, _client, run_id = store
     monkeypatch.setenv("WATTLOG_STRICT", "1")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    sink = MlflowSink(run_id, f"http://127.0.0.1:{free_port()}", spool_dir=tmp_path / "spool",
-                      max_backoff_s=0.05)
+    sink = MlflowSink(run_id, dead_uri(), spool_dir=tmp_path / "spool")
     sink.start()
     sink.log_points(make_points(10)[0])  # the training thread is never interrupted
-    with pytest.raises(SinkError, match="MLflow unreachable"):
-        sink.flush(timeout_s=30)
-    with pytest.raises(SinkError):
+    with pytest.raises(SinkError, match="is unreachable"):
+        sink.flush(timeout_s=60)
+    with pytest.raises(SinkError, match="wattlog sync --spool"):
         sink.close(timeout_s=0.2)
     sink.close()  # idempotent, no second raise
 
@@ -268,7 +371,7 @@ def test_unwritable_spool_warns_and_still_delivers(store, tmp_path, monkeypatch)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")  # a file where a directory should be: unwritable even as root
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
-    sink = MlflowSink(run_id, uri, spool_dir=blocker / "spool", flush_interval_s=0.05)
+    sink = MlflowSink(run_id, uri, spool_dir=blocker / "spool")
     with pytest.warns(WattlogWarning, match="cannot write the spool"):
         sink.start()
     for step_points in make_points(20):
@@ -276,64 +379,47 @@ def test_unwritable_spool_warns_and_still_delivers(store, tmp_path, monkeypatch)
     assert sink.flush(60)
     sink.close()
     assert_exactly_once(client, run_id, 20)
+    shutil.rmtree(sink.spool_path.parent, ignore_errors=True)  # the private temporary spool
 
     monkeypatch.setenv("WATTLOG_STRICT", "1")
     with pytest.raises(SinkError, match="cannot write the spool"):
         MlflowSink(run_id, uri, spool_dir=blocker / "spool").start()
 
 
-def test_credentials_never_reach_spool_warnings_or_errors(store, tmp_path, lenient, monkeypatch):
+def test_credentials_never_reach_spool_warnings_errors_or_the_command_line(store, tmp_path, lenient, monkeypatch):
     _uri, _client, run_id = store
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-canary-9876")
     canary = f"https://user:s3cr3t@127.0.0.1:{free_port()}"
     assert redact_uri(canary) == canary.replace("user:s3cr3t@", "")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        sink = MlflowSink(run_id, canary, spool_dir=tmp_path / "spool", max_backoff_s=0.05)
+        sink = MlflowSink(run_id, canary, spool_dir=tmp_path / "spool")
         sink.start()
         sink.log_points(make_points(3)[0])
-        sink.flush(timeout_s=1.0)
+        sink.flush(timeout_s=1.0)  # by now the child runs its own program (exec'd)
+        with open(f"/proc/{sink.delivery_pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode()  # what `ps` shows every user
         sink.set_tags({"energy.degraded": "no"})
         sink.close(timeout_s=0.1)
     texts = [str(w.message) for w in rec]
-    assert unreachable_warnings(rec) and any("not delivered" in t for t in texts)
+    assert unreachable_warnings(rec) and left_warnings(rec, sink.spool_path)
     spool_text = sink.spool_path.read_text()
     assert json.loads(spool_text.splitlines()[0])["tracking_uri"] == redact_uri(canary)
     assert json.loads(spool_text.splitlines()[-1])["type"] == "tag"  # the tag waits in the spool too
-    for text in [*texts, spool_text]:
+    assert "wattlog.sinks.deliver" in cmdline
+    for text in [*texts, spool_text, cmdline]:
         assert "s3cr3t" not in text and "tok-canary-9876" not in text
 
     monkeypatch.setenv("WATTLOG_STRICT", "1")
-    strict = MlflowSink(run_id, canary, spool_dir=tmp_path / "spool2", max_backoff_s=0.05)
+    strict = MlflowSink(run_id, canary, spool_dir=tmp_path / "spool2")
     strict.start()
     strict.log_points(make_points(1)[0])
     with pytest.raises(SinkError) as err:
-        strict.flush(timeout_s=30)
+        strict.flush(timeout_s=60)
     assert "s3cr3t" not in str(err.value) and err.value.__cause__ is None
-    with pytest.raises(SinkError):
+    with pytest.raises(SinkError) as err:
         strict.close(timeout_s=0.1)
-
-
-def test_permanently_rejected_point_is_dropped_alone(store, tmp_path, lenient):
-    uri, client, run_id = store
-
-    class PickyClient(FlakyClient):
-        def log_batch(self, run_id, metrics=(), **kw):
-            if any(m.value == 1003.0 for m in metrics):  # energy/k1 at step 3
-                raise MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)
-            return super().log_batch(run_id, metrics=metrics, **kw)
-
-    picky = PickyClient(uri)
-    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", _client_factory=lambda u: picky)
-    sink.start()
-    for step_points in make_points(10):
-        sink.log_points(step_points)
-    with pytest.warns(WattlogWarning, match="MLflow rejected energy/k1=1003.0 at step 3"):
-        assert sink.flush(60)
-    sink.close()
-    counts = history_counts(client, run_id)
-    assert counts == {**dict.fromkeys(KEYS, 10), "energy/k1": 9}
-    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 50)]
+    assert "s3cr3t" not in str(err.value)
 
 
 def test_bad_keys_and_non_finite_values(store, tmp_path, monkeypatch):
@@ -370,61 +456,50 @@ def test_params_tags_artifact_and_summary(store, tmp_path):
     trace = tmp_path / "trace.csv"
     trace.write_text("step,j\n0,1.0\n")
     sink.log_artifact(trace, "energy")
-    sink.log_summary_metrics({"energy/gpu_kwh": 0.25, "energy/duration_s": 12.0}, step=7)
+    trace.unlink()  # the sink copied it into the spool: the caller may delete it at once
+    sink.log_summary_metrics({"energy/gpu_j": 900.0, "energy/duration_s": 12.0}, step=7)
     assert sink.flush(60)
     sink.close()
     run = client.get_run(run_id)
     assert run.data.params == {"energy.gpu_count": "2", "energy.pue": "1.2"}
     assert run.data.tags["energy.degraded"] == "cpu: rapl unreadable"
-    assert run.data.metrics["energy/gpu_kwh"] == 0.25
+    assert run.data.metrics["energy/gpu_j"] == 900.0
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "energy/duration_s")] == [(7, 12.0)]
     assert [f.path for f in client.list_artifacts(run_id, "energy")] == ["energy/trace.csv"]
+    assert list(artifacts_dir(sink.spool_path.parent, run_id).iterdir()) == []  # delivered copy deleted
 
 
-class GatedRecordingClient:
-    """Wraps a real client: records (method, thread) of every call; each call first waits for ``gate``."""
-
-    def __init__(self, uri: str) -> None:
-        self.real = MlflowClient(uri)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.calls: list[tuple[str, str]] = []
-
-    def __getattr__(self, name):
-        method = getattr(self.real, name)
-
-        def call(*args, **kwargs):
-            self.calls.append((name, threading.current_thread().name))
-            self.entered.set()
-            self.gate.wait(30)
-            return method(*args, **kwargs)
-
-        return call
-
-
-def test_outage_run_data_never_blocks_caller_and_sync_delivers_once(store, tmp_path, lenient):
+def test_outage_run_data_never_blocks_caller_and_sync_delivers_once(store, tmp_path, lenient, monkeypatch):
+    """The delivery process is stuck inside a request to a server that never answers; the caller is not."""
     uri, client, run_id = store
-    rec_client = GatedRecordingClient(f"http://127.0.0.1:{free_port()}")  # connections refused
+    monkeypatch.setenv("WATTLOG_DELIVERY_REQUEST_TIMEOUT_S", "1")
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(8)
+    held: list[socket.socket] = []
     payload = bytes(range(256)) * 40  # not UTF-8: compared byte for byte
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        sink = MlflowSink(run_id, "http://dead.invalid", spool_dir=tmp_path / "spool", flush_interval_s=0.05,
-                          max_backoff_s=0.05, _client_factory=lambda u: rec_client)
-        sink.start()
-        sink.log_points(make_points(2)[0])
-        assert sink.flush(timeout_s=0) is False  # ask for a send ...
-        assert rec_client.entered.wait(30)  # ... the writer is now stuck inside a client call
-        sink.log_params({"energy.gpu_count": 2, "energy.pue": 1.2})  # these return while it is stuck
-        sink.set_tags({"energy.degraded": "cpu: rapl unreadable"})
-        with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:  # deleted right after, like the callback's
-            (Path(tmp) / "trace.csv").write_bytes(payload)
-            sink.log_artifact(Path(tmp) / "trace.csv", "energy")
-        rec_client.gate.set()
-        assert sink.flush(timeout_s=0.5) is False
-        sink.close(timeout_s=0.2)
-    assert rec_client.calls and {t for _m, t in rec_client.calls} == {"wattlog-mlflow-writer"}
-    assert unreachable_warnings(rec) and not any("could not log" in str(w.message) for w in rec)
-    assert sink.pending_points == 5 + 2 + 1 + 1
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            sink = MlflowSink(run_id, f"http://127.0.0.1:{blackhole.getsockname()[1]}",
+                              spool_dir=tmp_path / "spool")
+            sink.start()
+            sink.log_points(make_points(2)[0])
+            assert sink.flush(timeout_s=0) is False  # ask for a send ...
+            blackhole.settimeout(60)
+            held.append(blackhole.accept()[0])  # ... the delivery process is now waiting for an answer
+            sink.log_params({"energy.gpu_count": 2, "energy.pue": 1.2})  # these return meanwhile
+            sink.set_tags({"energy.degraded": "cpu: rapl unreadable"})
+            with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:  # deleted right after, like the callback's
+                (Path(tmp) / "trace.csv").write_bytes(payload)
+                sink.log_artifact(Path(tmp) / "trace.csv", "energy")
+            assert sink.flush(timeout_s=0.5) is False
+            sink.close(timeout_s=0.2)
+    finally:
+        for s in [*held, blackhole]:
+            s.close()
+    assert unreachable_warnings(rec) and left_warnings(rec, sink.spool_path)
+    assert unacked(sink.spool_path) == 5 + 2 + 1 + 1
 
     lines = [json.loads(x) for x in sink.spool_path.read_text().splitlines()[1:]]
     assert [x.get("type", "point") for x in lines] == ["point"] * 5 + ["param", "param", "tag", "artifact"]
@@ -453,38 +528,158 @@ def test_outage_run_data_never_blocks_caller_and_sync_delivers_once(store, tmp_p
     assert history_counts(client, run_id) == dict.fromkeys(KEYS, 1)
 
 
-def test_conflicting_param_is_rejected_once_not_retried(store, tmp_path, lenient):
+def test_strict_conflicting_param_raises_at_flush_or_close(store, tmp_path, monkeypatch):
     uri, client, run_id = store
     client.log_param(run_id, "energy.pue", "1.0")
-    flaky = FlakyClient(uri)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.05,
-                          _client_factory=lambda u: flaky)
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    strict = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    strict.start()
+    strict.log_params({"energy.pue": 2.0})
+    with pytest.raises(SinkError, match="conflict"):
+        strict.flush(60)  # the report follows the ack: it may surface at close instead (see report)
+        strict.close()
+    strict.close()
+    assert client.get_run(run_id).data.params == {"energy.pue": "1.0"}
+
+
+# --------------------------------------------------------------------- the training process holds no buffer
+
+
+def test_100k_points_keep_the_training_process_flat_and_each_lands_once(tmp_path, lenient):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WattlogWarning)
+        sink = MlflowSink("run100k", dead_uri(), spool_dir=tmp_path / "spool")  # nothing is delivered meanwhile
         sink.start()
+        for s in range(1000):  # warm-up: allocator pools, key cache, warning registry
+            sink.log_points([Point("energy/step_j", float(s), s, 1)])
+        rss_before = rss_bytes()
+        for s in range(1000, 100_000):
+            sink.log_points([Point("energy/step_j", float(s), s, 1)])
+        rss_growth = rss_bytes() - rss_before
+        sink.close(timeout_s=0)
+    spool_size = sink.spool_path.stat().st_size
+    assert spool_size > 5_000_000
+    assert rss_growth < spool_size // 2  # any in-memory copy of what was spooled would be bigger
+    assert unacked(sink.spool_path) == 100_000  # all of it is in the spool ...
+
+    recorder = RecordingClient()
+    follower = Follower(sink.spool_path, "http://later", client_factory=lambda u: recorder)
+    drive(follower)
+    follower.close()
+    counts = Counter(m.step for m in recorder.metrics)
+    assert set(counts) == set(range(100_000)) and set(counts.values()) == {1}  # ... and lands exactly once
+    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 100_000)]
+
+
+# --------------------------------------------------------------------- the Follower (the child's loop) in-process
+
+
+@pytest.mark.parametrize("deliver_then_fail", [False, True], ids=["refused", "response-lost"])
+def test_server_comes_back_every_point_once(store, tmp_path, deliver_then_fail):
+    uri, client, run_id = store
+    path = spool_only(run_id, tmp_path / "spool", lambda s: [s.log_points(p) for p in make_points(300)])
+    flaky = FlakyClient(uri, fail=3, deliver_then_fail=deliver_then_fail)
+    reports: list[tuple[str, str]] = []
+    follower = Follower(path, uri, client_factory=lambda u: flaky, report=lambda k, m: reports.append((k, m)),
+                        max_backoff_s=0.01)
+    drive(follower)
+    follower.close()
+    assert flaky.fail == (0 if not deliver_then_fail else 1)  # a lost response: the retry finds it delivered
+    kinds = [k for k, _m in reports]
+    if not deliver_then_fail:
+        assert kinds == ["outage", "recovered"]  # one report per outage, not per attempt
+    else:  # each batch's lost response is an outage of its own
+        assert kinds[:2] == ["outage", "recovered"] and set(kinds) == {"outage", "recovered"}
+    assert str(path) in reports[0][1]
+    assert_exactly_once(client, run_id, 300)
+    assert read_acks(ack_file(path)).ranges == [(1, 1500)]
+    assert sync(path, tracking_uri=uri).sent == 0
+
+
+def test_run_data_waits_in_the_spool_through_an_outage(store, tmp_path):
+    uri, client, run_id = store
+    art = tmp_path / "early.bin"
+    art.write_bytes(b"spilled")
+
+    def fill(sink):
+        for s, step_points in enumerate(make_points(100)):
+            sink.log_points(step_points)
+            if s == 5:  # run data early on: read back from the spool in order, like points
+                sink.log_params({"energy.pue": 1.1})
+                sink.set_tags({"energy.estimated": "cpu"})
+                sink.log_artifact(art, "energy")
+                art.unlink()
+
+    path = spool_only(run_id, tmp_path / "spool", fill)
+    gate = threading.Event()
+
+    class GatedClient(FlakyClient):
+        def log_batch(self, run_id, **kw):
+            if not gate.is_set():
+                raise MlflowException("503 Service Unavailable", error_code=TEMPORARILY_UNAVAILABLE)
+            return super().log_batch(run_id, **kw)
+
+    follower = Follower(path, uri, client_factory=lambda u: GatedClient(uri), max_backoff_s=0.01)
+    for _ in range(20):
+        follower.poll()
+        follower.deliver()
+        time.sleep(0.01)
+    assert follower.pending == 503 and not read_acks(ack_file(path)).ranges
+    gate.set()
+    drive(follower)
+    follower.close()
+    assert_exactly_once(client, run_id, 100)
+    assert read_acks(ack_file(path)).ranges == [(1, 503)]
+    run = client.get_run(run_id)
+    assert run.data.params == {"energy.pue": "1.1"} and run.data.tags["energy.estimated"] == "cpu"
+    assert [(f.path, f.file_size) for f in client.list_artifacts(run_id, "energy")] == [("energy/early.bin", 7)]
+    assert list(artifacts_dir(path.parent, run_id).iterdir()) == []  # delivered copies deleted
+
+
+def test_permanently_rejected_point_is_dropped_alone(store, tmp_path):
+    uri, client, run_id = store
+
+    class PickyClient(FlakyClient):
+        def log_batch(self, run_id, metrics=(), **kw):
+            if any(m.value == 1003.0 for m in metrics):  # energy/k1 at step 3
+                raise MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE)
+            return super().log_batch(run_id, metrics=metrics, **kw)
+
+    path = spool_only(run_id, tmp_path / "spool", lambda s: [s.log_points(p) for p in make_points(10)])
+    reports: list[tuple[str, str]] = []
+    follower = Follower(path, uri, client_factory=lambda u: PickyClient(uri),
+                        report=lambda k, m: reports.append((k, m)))
+    drive(follower)
+    follower.close()
+    assert [k for k, _m in reports] == ["rejected"]
+    assert "energy/k1" in reports[0][1] and "1003.0" in reports[0][1]
+    counts = history_counts(client, run_id)
+    assert counts == {**dict.fromkeys(KEYS, 10), "energy/k1": 9}
+    assert read_acks(ack_file(path)).ranges == [(1, 50)]  # dropped for good, never retried
+
+
+def test_conflicting_param_is_rejected_once_not_retried(store, tmp_path):
+    uri, client, run_id = store
+    client.log_param(run_id, "energy.pue", "1.0")
+
+    def fill(sink):
         sink.log_params({"energy.pue": 1.2, "energy.gpu_count": 0})
         sink.log_params({"energy.gpu_count": 0})  # the same value again: nothing to do
-        assert sink.flush(60)
-        calls = flaky.calls
-        assert sink.flush(1)
-        sink.close()
-    assert flaky.calls == calls == 1  # one log_batch (energy.gpu_count), no retry loop
-    texts = [str(w.message) for w in rec]
-    assert sum("rejected param energy.pue='1.2'" in t and "conflict" in t for t in texts) == 1
-    assert client.get_run(run_id).data.params == {"energy.pue": "1.0", "energy.gpu_count": "0"}
-    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 3)]
 
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("WATTLOG_STRICT", "1")
-    try:
-        strict = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool2")
-        strict.start()
-        strict.log_params({"energy.pue": 2.0})
-        with pytest.raises(SinkError, match="conflict"):
-            strict.flush(60)
-        strict.close()
-    finally:
-        monkeypatch.undo()
+    path = spool_only(run_id, tmp_path / "spool", fill)
+    flaky = FlakyClient(uri)
+    reports: list[tuple[str, str]] = []
+    follower = Follower(path, uri, client_factory=lambda u: flaky, report=lambda k, m: reports.append((k, m)))
+    drive(follower)
+    for _ in range(5):
+        follower.poll()
+        follower.deliver()
+    follower.close()
+    assert flaky.calls == 1  # one log_batch (energy.gpu_count), no retry loop
+    assert len(reports) == 1 and reports[0][0] == "rejected"
+    assert "energy.pue" in reports[0][1] and "conflict" in reports[0][1]
+    assert client.get_run(run_id).data.params == {"energy.pue": "1.0", "energy.gpu_count": "0"}
+    assert read_acks(ack_file(path)).ranges == [(1, 3)]
 
 
 def test_broken_artifact_store_does_not_hold_back_points(store, tmp_path, lenient):
@@ -498,31 +693,162 @@ def test_broken_artifact_store_does_not_hold_back_points(store, tmp_path, lenien
                 raise MlflowException("S3 access denied", error_code=TEMPORARILY_UNAVAILABLE)
             return self.real.log_artifact(run_id, local_path, artifact_path)
 
-    flaky = BrokenArtifactStore(uri)
     art = tmp_path / "power.png"
     art.write_bytes(b"\x89PNG...")
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool", flush_interval_s=0.05,
-                          _client_factory=lambda u: flaky)
-        sink.start()
+
+    def fill(sink):
         sink.log_points(make_points(1)[0])
         sink.log_artifact(art, "energy")
         for step_points in make_points(10, step0=1):
             sink.log_points(step_points)
-        sink.flush(timeout_s=0)  # ask for a send
-        deadline = time.monotonic() + 60
-        while sink.pending_points > 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sink.pending_points == 1  # the artifact is still owed ...
-        assert sink.flush(timeout_s=0.1) is False
-        assert_exactly_once(client, run_id, 11)  # ... but nothing behind it waited
-        broken.clear()
-        assert sink.flush(timeout_s=60)  # a flush retries it
-        sink.close()
-    assert any("could not upload artifact energy/power.png" in str(w.message) for w in rec)
+
+    path = spool_only(run_id, tmp_path / "spool", fill)
+    reports: list[tuple[str, str]] = []
+    follower = Follower(path, uri, client_factory=lambda u: BrokenArtifactStore(uri),
+                        report=lambda k, m: reports.append((k, m)))
+    drive(follower)
+    follower.close()
+    assert_exactly_once(client, run_id, 11)  # nothing behind the artifact waited ...
+    assert unacked(path) == 1  # ... which is still owed, in the spool
+    assert [k for k, _m in reports] == ["deferred"] and "wattlog sync" in reports[0][1]
+    assert client.list_artifacts(run_id, "energy") == []
+    broken.clear()
+    result = sync(path, tracking_uri=uri)  # what the report says to do
+    assert result.sent_by_kind["artifact"] == 1 and result.sent == 1
     assert [f.path for f in client.list_artifacts(run_id, "energy")] == ["energy/power.png"]
-    assert read_acks(ack_file(sink.spool_path)).ranges == [(1, 56)]
+    assert read_acks(ack_file(path)).ranges == [(1, 56)]
+
+
+def test_deleted_run_keeps_its_records_in_the_spool_until_restored(store, tmp_path):
+    uri, client, run_id = store
+    path = spool_only(run_id, tmp_path / "spool", lambda s: [s.log_points(p) for p in make_points(20)])
+    client.delete_run(run_id)
+    reports: list[tuple[str, str]] = []
+    follower = Follower(path, uri, report=lambda k, m: reports.append((k, m)), max_backoff_s=0.01)
+    for _ in range(5):
+        follower.poll()
+        follower.deliver()
+        time.sleep(0.1)
+    follower.close()
+    assert len(reports) == 1 and run_id in reports[0][1]  # reported once, not per attempt
+    assert follower.pending == 100 and unacked(path) == 100  # nothing acked, nothing dropped
+    client.restore_run(run_id)
+    assert sync(path, tracking_uri=uri).sent == 100
+    assert_exactly_once(client, run_id, 20)
+
+
+def test_deleted_run_is_a_permanent_error_with_the_sync_hint(store, tmp_path):
+    uri, client, run_id = store
+    path = spool_only(run_id, tmp_path / "spool", lambda s: s.log_points(make_points(1)[0]))
+    client.delete_run(run_id)
+    reports: list[tuple[str, str]] = []
+    follower = Follower(path, uri, report=lambda k, m: reports.append((k, m)))
+    follower.poll()
+    follower.deliver()
+    follower.close()
+    assert [k for k, _m in reports] == ["permanent"]
+    assert f"wattlog sync --spool {path}" in reports[0][1]
+
+
+def test_classify_transient_permanent_and_bug():
+    import requests
+
+    class Response:
+        def __init__(self, status_code: int) -> None:
+            self.status_code = status_code
+
+    def http(status: int) -> Exception:
+        exc = requests.HTTPError(f"{status} error")
+        exc.response = Response(status)  # type: ignore[assignment]
+        return exc
+
+    transient = [
+        MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE),
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError("timed out"),
+        requests.ConnectionError("Max retries exceeded with url"),
+        http(503), http(429), http(500),
+        MlflowException("API request to http://h/api failed with exception HTTPConnectionPool: Read timed out"),
+        type("OperationalError", (Exception,), {})("database is locked"),
+    ]
+    permanent = [
+        MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST),
+        MlflowException("forbidden", error_code=PERMISSION_DENIED),
+        http(403), http(404),
+    ]
+    bugs = [ValueError("boom"), KeyError("k"), TypeError("unsupported operand")]
+    assert [classify(e) for e in transient] == ["transient"] * len(transient)
+    assert [classify(e) for e in permanent] == ["permanent"] * len(permanent)
+    assert [classify(e) for e in bugs] == ["bug"] * len(bugs)
+
+
+def test_bug_in_delivery_is_reported_once_and_retried(store, tmp_path):
+    uri, client, run_id = store
+    path = spool_only(run_id, tmp_path / "spool", lambda s: s.log_points(make_points(1)[0]))
+
+    class Buggy(FlakyClient):
+        fails = 3
+
+        def log_batch(self, run_id, **kw):
+            if Buggy.fails:
+                Buggy.fails -= 1
+                raise ValueError("boom")
+            return super().log_batch(run_id, **kw)
+
+    reports: list[tuple[str, str]] = []
+    follower = Follower(path, uri, client_factory=lambda u: Buggy(uri), report=lambda k, m: reports.append((k, m)),
+                        max_backoff_s=0.01)
+    drive(follower)
+    follower.close()
+    assert [k for k, _m in reports] == ["bug", "recovered"] and "ValueError: boom" in reports[0][1]
+    assert_exactly_once(client, run_id, 1)
+
+
+# --------------------------------------------------------------------- the delivery process outlives no parent
+
+
+def _parent_script(run_id: str, uri: str, spool_dir: Path, n_steps: int) -> str:
+    return textwrap.dedent(f"""
+        import os, signal
+        from wattlog.sinks.mlflow import MlflowSink, Point
+        sink = MlflowSink({run_id!r}, {uri!r}, spool_dir={str(spool_dir)!r})
+        sink.start()
+        for s in range({n_steps}):
+            sink.log_points([Point("energy/k0", float(s), s, 1_700_000_000_000 + s)])
+        print(sink.delivery_pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # the training process dies without closing anything
+    """)
+
+
+def _run_parent(script: str) -> int:
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return int(proc.stdout.split()[-1])
+
+
+def test_delivery_process_finishes_and_exits_when_its_parent_dies(store, tmp_path):
+    uri, client, run_id = store
+    spool_dir = tmp_path / "spool"
+    child = _run_parent(_parent_script(run_id, uri, spool_dir, 200))
+    wait_exited(child)  # its stdin closed with the parent: it delivers what is left and exits
+    hist = client.get_metric_history(run_id, "energy/k0")
+    assert sorted(m.step for m in hist) == list(range(200))
+    assert read_acks(ack_file(spool_dir / f"{run_id}.jsonl")).ranges == [(1, 200)]
+
+
+@pytest.mark.slow
+def test_delivery_process_exits_after_its_parent_dies_during_an_outage(store, tmp_path):
+    uri, client, run_id = store
+    spool_dir = tmp_path / "spool"
+    child = _run_parent(_parent_script(run_id, dead_uri(), spool_dir, 50))
+    wait_exited(child)  # gives up after its default exit timeout; the records stay in the spool
+    path = spool_dir / f"{run_id}.jsonl"
+    assert unacked(path) == 50
+    assert sync(path, tracking_uri=uri).sent == 50
+    assert sorted(m.step for m in client.get_metric_history(run_id, "energy/k0")) == list(range(50))
+
+
+# --------------------------------------------------------------------- arguments
 
 
 @pytest.mark.parametrize("bad", ["../x", "/abs", "/", "energy/../../x", "a/./b", ".", "a\\b"])
@@ -539,7 +865,7 @@ def test_artifact_path_is_sanitised(store, tmp_path, monkeypatch, bad):
     monkeypatch.delenv("WATTLOG_STRICT")
     with pytest.warns(WattlogWarning, match="artifact_path"):
         sink.log_artifact(src, bad)
-    assert sink.pending_points == 0 and not (tmp_path / "spool").exists()  # nothing copied anywhere
+    assert not (tmp_path / "spool").exists()  # nothing copied anywhere
 
 
 def test_artifact_path_normalisation():
@@ -550,13 +876,13 @@ def test_artifact_path_normalisation():
     ]
 
 
-def test_rejects_bad_configuration():
-    with pytest.raises(ConfigError, match="batch_size"):
-        MlflowSink("abc", batch_size=0)
-    with pytest.raises(ConfigError, match="flush_interval_s"):
-        MlflowSink("abc", flush_interval_s=0)
+def test_rejects_bad_configuration(tmp_path):
     with pytest.raises(ConfigError, match="run_id"):
         MlflowSink("")
+    not_a_spool = tmp_path / "x.jsonl"
+    not_a_spool.write_text("hello\n")
+    with pytest.raises(ValueError, match="not a wattlog spool"):
+        Follower(not_a_spool, "sqlite:///unused.db")
 
 
 # --------------------------------------------------------------------- a real tracking server
@@ -574,8 +900,7 @@ def test_real_server_killed_and_restarted_mid_stream(tmp_path, template_db, leni
         server.start()
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            sink = MlflowSink(run_id, server.uri, spool_dir=tmp_path / "spool",
-                              batch_size=25, flush_interval_s=0.05, max_backoff_s=0.2)
+            sink = MlflowSink(run_id, server.uri, spool_dir=tmp_path / "spool")
             sink.start()
             steps = make_points(400)
             for s in range(200):
@@ -590,7 +915,7 @@ def test_real_server_killed_and_restarted_mid_stream(tmp_path, template_db, leni
                 sink.log_points(steps[s])
             assert sink.flush(timeout_s=120)
             sink.close()
-        assert len(unreachable_warnings(rec)) == 1
+        assert len(unreachable_warnings(rec)) == 1  # one warning per outage
     finally:
         server.kill()
     assert_exactly_once(local, run_id, 400)

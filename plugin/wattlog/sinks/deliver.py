@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from wattlog.sinks import spool as _spool
-from wattlog.sinks.sync import MAX_METRICS_PER_BATCH, Deliverer, default_client_factory, describe
+from wattlog.sinks.sync import MAX_METRICS_PER_BATCH, Deliverer, default_client_factory, describe, describe_record
 
 URI_ENV = "WATTLOG_DELIVERY_URI"
 """The tracking URI reaches the child through its environment, never its command line (``ps``)."""
@@ -48,6 +48,10 @@ _PERMANENT_CODES = {"RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTIC
 
 def classify(exc: BaseException) -> str:
     """``"transient"``, ``"permanent"`` or ``"bug"`` for an exception raised by a delivery attempt."""
+    from wattlog.errors import SinkError
+
+    if isinstance(exc, SinkError):  # Deliverer: the run is deleted (not active); kept until it is restored
+        return "permanent"
     code = getattr(exc, "error_code", None)
     if code in _PERMANENT_CODES:
         return "permanent"
@@ -134,14 +138,15 @@ class Follower:
             return False
         deferred = {seq for seq, _r, _w in outcome.deferred}
         done = [(seq, r) for seq, r in chunk if seq not in deferred]
+        for seq, rec, why in outcome.rejected[:3]:  # reported before the ack, so a flush sees the report
+            self._report(f"rejected:{seq}", f"MLflow rejected {describe_record(rec)}: {why}; dropped")
+        for seq, rec, why in outcome.deferred[:3]:
+            self._report(f"deferred:{seq}", f"MLflow could not store {describe_record(rec)}: {why}; kept for "
+                         "`wattlog sync`")
         self._ack([seq for seq, _ in done])
         for _seq, rec in done:
             if isinstance(rec, _spool.ArtifactRecord):
                 _spool.remove_artifact_copy(rec.file, self.path.parent.absolute(), self.run_id)
-        for seq, rec, why in outcome.rejected[:3]:
-            self._report(f"rejected:{seq}", f"MLflow rejected {rec!r}: {why}; dropped")
-        for seq, rec, why in outcome.deferred[:3]:
-            self._report(f"deferred:{seq}", f"MLflow could not store {rec!r}: {why}; kept for `wattlog sync`")
         self._pending = self._pending[len(chunk):]  # deferred artifacts stay unacked for `wattlog sync`
         self.sent += len(done)
         if self._backoff_s:
@@ -218,9 +223,12 @@ def follow(follower: Follower, commands: Any, poll_interval_s: float = 0.2) -> i
             if time.monotonic() >= deadline:
                 return 3
         if progressed and follower.pending:
-            continue
-        ready, _, _ = select.select([fd] if deadline is None else [], [], [], poll_interval_s if deadline is None
-                                    else min(poll_interval_s, max(0.0, deadline - time.monotonic())))
+            wait_s = 0.0  # busy: only look for a command, then send the next batch
+        elif deadline is None:
+            wait_s = poll_interval_s
+        else:
+            wait_s = min(poll_interval_s, max(0.0, deadline - time.monotonic()))
+        ready, _, _ = select.select([fd] if deadline is None else [], [], [], wait_s)
         if ready:
             chunk = os.read(fd, 4096)
             if not chunk:  # the parent closed our stdin or died

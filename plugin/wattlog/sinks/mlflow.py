@@ -18,6 +18,7 @@ reject are skipped with one warning (strict mode: raised at the call).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -179,6 +180,7 @@ class MlflowSink:
         while True:
             self._read_reports()
             if self._delivered_through(target):
+                self._read_reports()  # a report written just before its ack
                 return True
             if self._proc is None or self._proc.poll() is not None:
                 self._read_reports()
@@ -211,10 +213,15 @@ class MlflowSink:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-            self._read_reports(final=True)
-            left = self._proc.returncode != 0
-            self._proc.stdout.close()  # type: ignore[union-attr]
-            self._proc = None
+            try:
+                self._read_reports(final=True)  # strict mode: may raise; release everything first
+            finally:
+                left = self._proc.returncode != 0
+                self._proc.stdout.close()  # type: ignore[union-attr]
+                self._proc = None
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
         elif self._fd is not None and self._deliver:
             left = True
         if self._fd is not None:
@@ -305,11 +312,30 @@ class MlflowSink:
         if self._closed or self._fd is None:
             self._policy("closed", f"{what} logged while the sink is not open were dropped")
             return
-        lines = []
-        for rec in records:
-            lines.append(_spool.record_line(self._next_seq, rec))
-            self._next_seq += 1
-        os.write(self._fd, b"".join(lines))
+        lines = [_spool.record_line(self._next_seq + i, rec) for i, rec in enumerate(records)]
+        data = b"".join(lines)
+        err: OSError | None = None
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            written, err = 0, exc
+        if err is None and written < len(data):
+            err = OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+        done = used = 0  # records whose line was written whole keep their seq
+        for line in lines:
+            if used + len(line) > written:
+                break
+            used += len(line)
+            done += 1
+        self._next_seq += done
+        if err is not None:
+            if used < written:  # end the cut line, so that the next record stays readable
+                try:
+                    os.write(self._fd, b"\n")
+                except OSError:
+                    pass
+            self._policy("spool-write", f"cannot write the spool {self.spool_path} ({describe(err)}); "
+                         f"{len(records) - done} records were not recorded (further failures are not reported)")
 
     def _tell(self, line: bytes) -> None:
         if self._proc is None or self._proc.stdin is None:
