@@ -103,6 +103,7 @@ class EnergySession:
         self._aggregator: StepAggregator | None = None
         self._prefix = f"r{self.rank}." if self.world_size > 1 else ""
         self._drained_j: dict[str, float] = {}
+        self._unsent: list[StepRecord] = []  # DDP: this rank's records waiting for the next collective
         self._last_step: dict[str, int] = {}
         self._last_value: dict[str, float] = {}
         self._degraded: list[str] = []
@@ -363,7 +364,7 @@ class EnergySession:
 
     def _exchange(self, records: list[StepRecord], collective: bool) -> list[StepRecord] | None:
         """DDP: rank 0 gets every rank's records at a collective; None on other ranks."""
-        self._unsent = getattr(self, "_unsent", []) + records
+        self._unsent += records
         if not collective and self.rank != 0:
             return None
         mine, self._unsent = self._unsent, []
