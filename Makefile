@@ -24,8 +24,7 @@ demo: $(STAMP)
 	@echo "== 5/5 compare the sweep's runs by energy and accuracy"
 	$(VENV)/bin/wattlog compare -e bert-compress --metric test_acc --baseline first \
 	  --params prune.name,prune.amount,quantize.name --plot outputs/bert_finetune/pareto.png
-	@echo "Pareto chart: outputs/bert_finetune/pareto.png (the sweep's parent run also holds sweep/pareto.png)"
-	@echo "Browse everything: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@$(PY) -m examples.demo_summary
 
 test: $(STAMP) services
 	WATTLOG_STRICT=1 $(PY) -m pytest

@@ -174,3 +174,62 @@ def test_close_leaves_no_thread(fake_gpu):
     session.close()
     session.close()  # idempotent
     assert {t.name for t in threading.enumerate()} == before
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_short_run_is_tagged_with_its_reason_and_untagged_when_it_grows(fake_gpu):
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="estimate", ram="none")
+    session = EnergySession(opts, gpus=[0])
+    sink = MemorySink()
+    session.open(sink)
+    session.mark(StepLabel("test", 0, 4))
+    _busy(0.3)  # shorter than 2 x the 0.5 s CPU estimate interval
+    session.end_stage(step=0)
+    reason = str(sink.tags[keys.T_SHORT_RUN])
+    assert "0.5 s cpu estimate interval" in reason, reason
+    assert sink.last()[keys.kind_j("cpu")] > 0  # a 0.3 s stage still has its estimated energy
+    session.suspend()
+    session.open(sink2 := MemorySink())
+    session.mark(StepLabel("test", 1, 4))
+    time.sleep(0.8)
+    session.end_stage(step=0)
+    session.close()
+    assert sink2.tags[keys.T_SHORT_RUN] == "no"  # the run is long enough now: the earlier tag is overwritten
+
+
+def test_measured_only_run_is_never_short(fake_gpu):
+    session, sink = _session()
+    session.mark(StepLabel("test", 0, 4))
+    time.sleep(0.05)
+    session.end_stage(step=0)
+    session.close()
+    assert keys.T_SHORT_RUN not in sink.tags  # the GPU counter resolves a 50 ms run
+
+
+def test_trace_chart_bins_never_mix_stages():
+    from wattlog.ledger import StepRecord, TraceLog
+
+    trace = TraceLog(["gpu0"], max_plot_rows=8)
+    t = 0.0
+    for i in range(200):
+        stage = "val" if i % 20 >= 17 else "train"  # 17 train steps then 3 val batches, repeated
+        trace.append(StepRecord(stage, i, t, t + 0.1, {"gpu0": 1.0}, samples=1, wall_s=0.1))
+        t += 0.1
+    rows = trace.plot_rows()
+    assert len(rows) <= 9
+    assert sum(float(r["total_j"]) for r in rows) == pytest.approx(200.0)
+    trace2 = TraceLog(["gpu0"], max_plot_rows=50)
+    t = 0.0
+    for i in range(200):
+        stage = "val" if i % 20 >= 17 else "train"
+        trace2.append(StepRecord(stage, i, t, t + 0.1, {"gpu0": 1.0}, samples=1, wall_s=0.1))
+        t += 0.1
+    stages = [r["stage"] for r in trace2.plot_rows()]
+    assert stages.count("val") == 10  # each validation run is its own bin, never merged into train
+    trace.close()
+    trace2.close()

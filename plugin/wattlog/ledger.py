@@ -213,16 +213,23 @@ class TraceLog:
         self._reopen()
         row = _trace_row(rec, attempt, self._file_domains)
         self._writer.writerow(row.values())
+        if self._bin is not None and self._bin["stage"] != row["stage"]:
+            self._close_bin()  # a bin holds one stage: the chart never smears val energy into train
         self._bin = row if self._bin is None else _merge_rows(self._bin, row)
         self._bin_rows += 1
         if self._bin_rows >= self._stride:
-            self._plot.append(self._bin)
-            self._bin, self._bin_rows = None, 0
-            if len(self._plot) > self.max_plot_rows:
-                self._plot = [_merge_rows(*self._plot[i:i + 2]) if i + 1 < len(self._plot) else self._plot[i]
-                              for i in range(0, len(self._plot), 2)]
-                self._stride *= 2
+            self._close_bin()
         self.rows += 1
+
+    def _close_bin(self) -> None:
+        assert self._bin is not None
+        self._plot.append(self._bin)
+        self._bin, self._bin_rows = None, 0
+        if len(self._plot) > self.max_plot_rows:
+            halved = _halve(self._plot, across_stages=False)
+            # stages alternating faster than the bins: merge across them too, so memory stays bounded
+            self._plot = halved if len(halved) <= 0.75 * self.max_plot_rows else _halve(self._plot, True)
+            self._stride *= 2
 
     def _reopen(self) -> None:
         if self._file is None and self._path is not None:
@@ -285,17 +292,31 @@ class TraceLog:
             self._path = None
 
 
+def _halve(rows: list[dict[str, object]], across_stages: bool) -> list[dict[str, object]]:
+    """Merge consecutive pairs of rows; of the same stage only unless ``across_stages``."""
+    out: list[dict[str, object]] = []
+    i = 0
+    while i < len(rows):
+        if i + 1 < len(rows) and (across_stages or rows[i]["stage"] == rows[i + 1]["stage"]):
+            out.append(_merge_rows(rows[i], rows[i + 1]))
+            i += 2
+        else:
+            out.append(rows[i])
+            i += 1
+    return out
+
+
 def _merge_rows(a: dict[str, object], b: dict[str, object]) -> dict[str, object]:
-    """Two consecutive trace rows as one: joules, samples and durations summed; a non-train stage wins."""
+    """Two consecutive trace rows as one: joules, samples and durations summed; the longer one's stage."""
     out = dict(a)
+    if float(b["duration_s"]) > float(a["duration_s"]):  # type: ignore[arg-type]
+        out["stage"] = b["stage"]
     for k, v in b.items():
         if k.endswith("_j") or k in ("duration_s", "samples"):
             out[k] = out.get(k, 0.0) + v  # type: ignore[operator]
         elif k not in out:
             out[k] = v
     out["t_end_s"], out["step"], out["attempt"] = b["t_end_s"], b["step"], b["attempt"]
-    if a["stage"] == "train":
-        out["stage"] = b["stage"]
     duration_s = float(out["duration_s"])  # type: ignore[arg-type]
     out["power_w"] = float(out["total_j"]) / duration_s if duration_s > 0 else 0.0  # type: ignore[arg-type]
     return out

@@ -48,6 +48,10 @@ __all__ = ["Collectives", "EnergySession", "StepEnd", "StepLabel"]
 DRAIN_INTERVAL_S = 0.25
 """Single process: the least time between two drains at logging boundaries."""
 
+SHORT_RUN_RESOLUTIONS = 2
+"""A run measured for less than this many of its coarsest source's resolution is tagged ``energy.short_run``
+(its total then rests on one or two samples of an estimate's utilisation, and per-step values on none)."""
+
 
 class Collectives(Protocol):
     """How ranks exchange objects (the Lightning adapter implements it with torch.distributed)."""
@@ -98,6 +102,7 @@ class EnergySession:
         self._on_degrade = on_degrade
         self._link_tags = dict(link_tags or {})
         self._choices: list[Any] = []
+        self._tagged_short = False
         self._intensity: Any = None
         self._meter: Any = None
         self._aggregator: StepAggregator | None = None
@@ -424,7 +429,23 @@ class EnergySession:
         partial = self.collectives.partial if self.collectives is not None else None
         if partial:
             tags[keys.T_PARTIAL] = partial[:4000]
+        short = self._short_run()
+        if short or self._tagged_short:
+            tags[keys.T_SHORT_RUN] = short or "no"
+            self._tagged_short = bool(short)
         return tags
+
+    def _short_run(self) -> str:
+        """Why the run is too short for its coarsest method to resolve, or ``""``."""
+        coarse = max((c for c in self._choices if c.source is not None),
+                     key=lambda c: c.source.resolution_s, default=None)
+        if coarse is None or self.ledger is None or coarse.source.resolution_s <= 0:
+            return ""
+        duration_s, resolution_s = self.ledger.state.duration_s, coarse.source.resolution_s
+        if duration_s >= SHORT_RUN_RESOLUTIONS * resolution_s:
+            return ""
+        return (f"{duration_s:.2f} s measured, under {SHORT_RUN_RESOLUTIONS} x the {resolution_s:g} s "
+                f"{coarse.kind} {coarse.method} interval: energy differences between such runs are mostly noise")
 
     def _log_artifacts(self) -> None:
         assert self.ledger is not None

@@ -61,6 +61,9 @@ class EnergySource(ABC):
 
     kind: Kind
 
+    resolution_s: float = 0.0
+    """The shortest time this source resolves (an estimate's update interval); 0: no coarser than the sampler."""
+
     @abstractmethod
     def start(self) -> list[Domain]:
         """Open the hardware and return the domains this source measures.

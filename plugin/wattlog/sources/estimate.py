@@ -218,6 +218,7 @@ class _SteppedPower(EnergySource):
 
     def __init__(self, update_interval_s: float) -> None:
         self._update_interval_s = _check_interval(update_interval_s)
+        self.resolution_s = self._update_interval_s
         self._energy_j = 0.0
         self._last_update_s = 0.0
         self._started = False
