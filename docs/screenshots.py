@@ -297,6 +297,8 @@ def take(
                     with contextlib.suppress(PlaywrightError):  # the UI polls (auto-refresh): best effort
                         tab.wait_for_load_state("networkidle", timeout=10_000)
                     tab.keyboard.press("Escape")  # close a "what's new" dialog, if any
+                    if name.startswith("compare-") and name != "compare-runs.png":
+                        _expand_parents(tab)
                     if name.endswith(("metrics.png", "chart.png", "compare-runs.png")):
                         with contextlib.suppress(PlaywrightError):  # plotly charts: wait until some are drawn
                             tab.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
@@ -316,6 +318,26 @@ def take(
         finally:
             browser.close()
     return shots
+
+
+EXPANDER = "button[data-component-id*='runnamecellrenderer']"
+"""The +/- button in a parent run's name cell (MLflow 3.17's runs table): it folds the sweep's children."""
+
+
+def _expand_parents(tab: Any) -> None:
+    """Unfold every parent run, so that the table and charts show the sweep's children."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    with contextlib.suppress(PlaywrightError):
+        tab.wait_for_selector(EXPANDER, timeout=10_000)
+        tab.wait_for_timeout(1500)  # the table re-renders once its metrics arrive
+        buttons = tab.locator(EXPANDER)
+        for i in range(buttons.count()):
+            if buttons.nth(i).is_visible():
+                links_before = tab.locator("a[href*='/runs/']").count()
+                buttons.nth(i).dispatch_event("click")  # a real click only focuses the cell
+                tab.wait_for_function(f"document.querySelectorAll(\"a[href*='/runs/']\").length > {links_before}",
+                                      timeout=5_000)
 
 
 def _find_chromium(given: str | None) -> str:
