@@ -1,7 +1,7 @@
 """wattlog: per-step energy, power and CO2e of ML training, logged into MLflow.
 
 Importing this package is cheap: it imports no torch, lightning, mlflow or hydra and touches
-no hardware. ``EnergyMonitor`` is loaded on first attribute access.
+no hardware. ``EnergyMonitor``, ``track`` and ``autolog`` are loaded on first attribute access.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ __all__ = [
     "SourceUnavailable",
     "WattlogError",
     "__version__",
+    "autolog",
+    "track",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from wattlog.integrations.autolog import autolog
     from wattlog.integrations.lightning import EnergyMonitor
+    from wattlog.integrations.track import track
 
 
 def __getattr__(name: str) -> Any:
@@ -32,4 +36,12 @@ def __getattr__(name: str) -> Any:
         from wattlog.integrations.lightning import EnergyMonitor
 
         return EnergyMonitor
+    if name == "track":
+        from wattlog.integrations.track import track
+
+        return track
+    if name == "autolog":
+        from wattlog.integrations.autolog import autolog
+
+        return autolog
     raise AttributeError(f"module 'wattlog' has no attribute {name!r}")

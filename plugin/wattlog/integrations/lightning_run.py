@@ -6,29 +6,17 @@ everything is read off the trainer duck-typed (``lightning.pytorch`` and ``pytor
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from wattlog.errors import NoRunError, strict_mode
+from wattlog.integrations.runs import RunTarget, primary_sink, resolve_run
 from wattlog.options import MonitorOptions
+
+__all__ = ["RunTarget", "build_sink", "find_run", "gpu_selection", "logged_step", "stage_fn", "uses_cuda"]
 
 NO_RUN_HINT = (
     "add an MLFlowLogger to the Trainer (Trainer(logger=MLFlowLogger(experiment_name=..., "
     "tracking_uri='sqlite:///mlflow.db'))) or start one with mlflow.start_run() before fit"
 )
-
-
-@dataclass(frozen=True)
-class RunTarget:
-    """Where a session writes: an MLflow run (``run_id``), or a local folder when there is none."""
-
-    run_id: str | None
-    tracking_uri: str | None
-    local_dir: str | None
 
 
 def _is_mlflow_logger(logger: Any) -> bool:
@@ -44,30 +32,14 @@ def find_run(trainer: Any, options: MonitorOptions) -> RunTarget:
     for logger in getattr(trainer, "loggers", []) or []:
         if _is_mlflow_logger(logger):
             return RunTarget(logger.run_id, getattr(logger, "_tracking_uri", None), None)
-    mlflow = sys.modules.get("mlflow")
-    run = mlflow.active_run() if mlflow is not None else None
-    if run is not None:
-        return RunTarget(run.info.run_id, mlflow.get_tracking_uri(), None)
-    if options.require_mlflow or strict_mode():
-        raise NoRunError(f"EnergyMonitor found no MLflow run: {NO_RUN_HINT}; or pass require_mlflow=False "
-                         "(and unset WATTLOG_STRICT) to write energy to a local folder")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    root = getattr(trainer, "default_root_dir", None) or os.getcwd()
-    return RunTarget(None, None, os.path.join(root, "energy", f"{stamp}-{uuid.uuid4().hex[:6]}"))
+    return resolve_run(options, getattr(trainer, "default_root_dir", None), who="EnergyMonitor", hint=NO_RUN_HINT)
 
 
 def build_sink(trainer: Any, target: RunTarget, options: MonitorOptions, on_error: Callable[..., None]) -> Any:
     """The sink of one stage: the MLflow spool (or the local folder) plus the trainer's other loggers."""
-    from wattlog.sinks.base import LocalSink, LoggerSink, MultiSink
+    from wattlog.sinks.base import LoggerSink, MultiSink
 
-    if target.run_id is not None:
-        from wattlog.sinks.mlflow import MlflowSink
-
-        spool = options.spool_dir or os.environ.get("WATTLOG_SPOOL_DIR") or os.path.join(
-            getattr(trainer, "default_root_dir", None) or ".", ".wattlog", "spool")
-        primary: Any = MlflowSink(target.run_id, tracking_uri=target.tracking_uri, spool_dir=spool)
-    else:
-        primary = LocalSink(target.local_dir or "energy")
+    primary = primary_sink(target, options, getattr(trainer, "default_root_dir", None))
     others = [lg for lg in getattr(trainer, "loggers", []) or [] if not _is_mlflow_logger(lg)]
     return MultiSink([primary, LoggerSink(others, on_error)]) if others else primary
 
