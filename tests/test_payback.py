@@ -93,3 +93,45 @@ def test_fit_stage_keys() -> None:
     assert keys.fit_stage_keys("train") == {}
     assert keys.fit_stage_keys("recover") == {"energy/train_j": "energy/recover_j",
                                               "energy/j_per_sample": "energy/recover_j_per_sample"}
+
+
+def test_compare_payback_column_on_groups_of_replicates() -> None:
+    pd = pytest.importorskip("pandas")
+    from wattlog.compare import _payback_cell, add_payback
+
+    groups = pd.DataFrame({
+        "run_name": ["none", "int8", "distill", "l1"],
+        "is_baseline": [True, False, False, False],
+        "test_j_per_sample": [0.30, 0.20, 0.15, 0.305],
+        "test_j_per_sample_sd": [0.01, 0.01, 0.01, 0.01],
+        "make_j": [0.0, 0.0, 300.0, math.nan],
+        "make_j_sd": [0.0, 0.0, 30.0, math.nan],
+    })
+    add_payback(groups)
+    assert math.isnan(groups["payback_samples"][0])
+    assert groups["payback_samples"][1] == 0.0
+    assert groups["payback_samples"][2] == pytest.approx(2000.0)
+    assert groups["payback_samples_sd"][2] > 0
+    assert groups["payback_samples"][3] == math.inf and groups["payback_in_noise"][3]  # 0.005 J: noise
+    cells = [_payback_cell(r) for _, r in groups.iterrows()]
+    assert cells[0] == "base" and cells[1] == "0" and cells[2].startswith("2.00k±") and cells[3] == "never~"
+
+
+def test_compare_payback_needs_a_baseline() -> None:
+    pd = pytest.importorskip("pandas")
+    from wattlog.compare import add_payback
+    from wattlog.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="baseline"):
+        add_payback(pd.DataFrame({"is_baseline": [False], "test_j_per_sample": [0.1]}))
+
+
+def test_a_fit_stage_cannot_take_an_evaluation_stages_name() -> None:
+    pytest.importorskip("lightning")
+    from wattlog import EnergyMonitor
+    from wattlog.errors import ConfigError
+
+    assert EnergyMonitor(fit_stage="recover", enabled=False).fit_stage == "recover"
+    for bad in ("test", "val", "Recover", "re cover"):
+        with pytest.raises(ConfigError, match="fit_stage"):
+            EnergyMonitor(fit_stage=bad)

@@ -45,11 +45,14 @@ def _task(cfg: DictConfig) -> tuple[Callable[[DictConfig, Any], dict[str, float]
 def quiet_libraries() -> None:
     """Keep the job's log to warnings and the app's own progress: Lightning's info lines ("GPU available:
     False", "💡 Tip: ...", "`Trainer.fit` stopped") and transformers' weight-loading bars are left out."""
-    import lightning.pytorch  # noqa: F401, PLC0415 (its import sets its loggers to INFO)
+    import importlib.util  # noqa: PLC0415
+
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)  # its import sets its logger to INFO: import first, then quieten
+            logging.getLogger(name).setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
 
 
