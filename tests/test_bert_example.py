@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,11 @@ TINY = ["data.max_train_samples=64", "data.max_val_samples=32", "data.max_test_s
 def compose_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=CONFIG_NAME, overrides=[*TINY, *overrides])
+
+
+def pythonpath() -> str:
+    """PYTHONPATH for a subprocess app: the repository first, then the caller's (e.g. its plugin/)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 def runs(uri: str, experiment: str) -> list:
@@ -171,7 +177,7 @@ def test_prune_in_a_finetune_job_is_rejected(tracking: str) -> None:
 @pytest.mark.slow
 def test_compress_sweep_makes_parent_and_children(tmp_path: Path, tiny_checkpoint: Path) -> None:
     uri = f"sqlite:///{tmp_path}/sweep.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "-m", "examples.bert_finetune", "-m", "sweep=compress",
            "prune=none", "quantize=int8_dynamic,fp16",  # command line beats the preset's grid
            f"checkpoint_dir={tiny_checkpoint}", f"hydra.sweep.dir={tmp_path / 'multirun'}", "energy=estimate",
@@ -188,3 +194,84 @@ def test_compress_sweep_makes_parent_and_children(tmp_path: Path, tiny_checkpoin
     assert by_name["none-int8_dynamic"].data.metrics["energy/test_j_per_sample"] > 0
     assert by_name["none-fp16"].info.status == "FAILED"  # the sweep went on past the failing job
     assert "fp16" in by_name["none-fp16"].data.tags["wattlog.error"]
+
+
+# ---------------------------------------------------------------- making variants: metered stages, payback
+
+
+def compress_run(tracking: str, checkpoint: Path, *overrides: str) -> Any:
+    """Run a compression job on ``checkpoint`` with estimated energy; its MLflow run."""
+    result = run_task(compose_cfg("task=compress", f"checkpoint_dir={checkpoint}", "energy=estimate", *overrides))
+    assert result["status"] == "FINISHED"
+    (run,) = [r for r in runs(tracking, "bert-compress") if r.info.run_id == result["run_id"]]
+    return run
+
+
+@pytest.mark.slow
+def test_recovery_is_a_metered_stage_of_the_variants_run(tracking: str, tiny_checkpoint: Path) -> None:
+    run = compress_run(tracking, tiny_checkpoint, "compress=heads_recovered", "prune.finetune_steps=2")
+    m = run.data.metrics
+    assert run.info.run_name == "structured0.25heads+ft2-none"
+    assert m["energy/recover_j"] > 0 and m["energy/recover_j_per_sample"] > 0
+    assert "energy/train_j" not in m and "energy/j_per_sample" not in m  # the fit is named `recover`
+    assert m["energy/make_j"] == pytest.approx(m["energy/recover_j"])
+    assert m["energy/test_j_per_sample"] > 0 and m["recovery_steps"] == 2
+    assert m["energy/total_j"] >= m["energy/recover_j"] + m["energy/test_j"] - 1e-9
+    assert len(MlflowClient(tracking).get_metric_history(run.info.run_id, "train_loss")) == 2
+
+
+@pytest.mark.slow
+def test_distillation_trains_a_shallower_student_metered(tracking: str, tiny_checkpoint: Path) -> None:
+    run = compress_run(tracking, tiny_checkpoint, "compress=distill", "distill.layers=1", "distill.steps=2")
+    m = run.data.metrics
+    assert run.info.run_name == "distill1L+kd2-none"
+    assert m["encoder_layers"] == 1 and m["distill_steps"] == 2
+    assert m["energy/distill_j"] > 0 and m["energy/make_j"] == pytest.approx(m["energy/distill_j"])
+    assert m["energy/test_j_per_sample"] > 0
+
+
+def test_post_training_quantisation_costs_nothing_to_make(tracking: str, tiny_checkpoint: Path) -> None:
+    run = compress_run(tracking, tiny_checkpoint, "compress=int8_dynamic", "energy.artifacts=false")
+    assert run.data.metrics["energy/make_j"] == 0.0
+    assert not any(k in run.data.metrics for k in ("energy/recover_j", "energy/distill_j", "energy/train_j"))
+
+
+def test_distill_and_prune_together_are_rejected(tracking: str, tiny_checkpoint: Path) -> None:
+    from wattlog.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="distill=student"):
+        run_task(compose_cfg("task=compress", f"checkpoint_dir={tiny_checkpoint}", "compress=distill",
+                             "prune=l1_unstructured", "energy=off"))
+
+
+@pytest.mark.slow
+def test_payback_sweep_ranks_children_by_payback(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/payback.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": pythonpath()}
+    cmd = [sys.executable, "-m", "examples.bert_finetune", "-m", "sweep=compress_payback", "sweep.repeats=2",
+           "compress=none,heads_recovered", "prune.finetune_steps=2", f"checkpoint_dir={tiny_checkpoint}",
+           f"hydra.sweep.dir={tmp_path / 'multirun'}", "energy=estimate", "energy.artifacts=false", *TINY]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GPU available" not in proc.stdout + proc.stderr and "Tip:" not in proc.stdout + proc.stderr
+    all_runs = runs(uri, "bert-compress")
+    (parent,) = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and {r.data.params.get("override.seed") for r in children} == {"0", "1"}
+    for child in children:
+        m, tag = child.data.metrics, child.data.tags.get("energy.payback")
+        assert "energy/make_j" in m
+        if child.data.params["prune.name"] == "none":
+            assert tag == "baseline" and m["energy/make_j"] == 0.0
+        else:  # a real payback, or no metric and the tag when nothing was saved (never inf in MLflow)
+            assert m["energy/make_j"] > 0
+            assert (tag is None and 0 < m["energy/payback_samples"] < 1e300) or (
+                tag == "never" and "energy/payback_samples" not in m)
+    import csv
+
+    client = MlflowClient(uri)
+    local = client.download_artifacts(parent.info.run_id, "sweep/summary.csv", str(tmp_path))
+    with open(local, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["payback"] for r in rows][:2] == ["baseline", "baseline"]  # ranked: baseline, then by payback
+    assert {"energy/make_j", "energy/payback_samples", "saved_j_per_sample", "delta_test_acc"} <= set(rows[0])

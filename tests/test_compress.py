@@ -165,3 +165,69 @@ def test_resolve_device_type() -> None:
     assert compress.resolve_device_type("cpu") == "cpu"
     assert compress.resolve_device_type("gpu") == "cuda"
     assert compress.resolve_device_type("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- knowledge distillation
+
+from examples.bert_finetune import distill  # noqa: E402
+
+
+def deep_bert(layers: int = 6) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=layers,
+                                     num_attention_heads=HEADS, intermediate_size=64, num_labels=2,
+                                     max_position_embeddings=64)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize(("n", "k", "kept"), [(6, 3, [0, 2, 4]), (6, 2, [0, 3]), (6, 6, list(range(6))),
+                                              (6, 1, [0]), (4, 3, [0, 1, 2])])
+def test_student_layers_are_evenly_spaced_from_the_first(n: int, k: int, kept: list[int]) -> None:
+    assert distill.layer_indices(n, k) == kept
+
+
+def test_student_keeps_the_teachers_layers_and_shapes(batch: dict) -> None:
+    teacher = deep_bert(6)
+    student = distill.student_from_teacher(teacher, 3)
+    assert len(student.bert.encoder.layer) == 3 and student.config.num_hidden_layers == 3
+    assert len(teacher.bert.encoder.layer) == 6  # the teacher is untouched
+    for s_layer, t_index in zip(student.bert.encoder.layer, [0, 2, 4], strict=True):
+        t_layer = teacher.bert.encoder.layer[t_index]
+        assert torch.equal(s_layer.output.dense.weight, t_layer.output.dense.weight)
+        assert s_layer.output.dense.weight.data_ptr() != t_layer.output.dense.weight.data_ptr()  # a copy
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    assert student(**batch).logits.shape == teacher(**batch).logits.shape == (4, 2)
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    per_layer = sum(p.numel() for p in teacher.bert.encoder.layer[0].parameters())
+    assert n_teacher - n_student == 3 * per_layer
+
+
+def test_distill_loss_mixes_soft_and_hard_targets() -> None:
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    labels = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert distill.distill_loss(logits, logits, labels, 2.0, alpha=0.0) == pytest.approx(float(ce))
+    assert distill.distill_loss(logits, logits, labels, 2.0, alpha=1.0) == pytest.approx(0.0, abs=1e-6)
+    assert distill.distill_loss(logits, -logits, labels, 2.0, alpha=1.0) > 0
+
+
+@pytest.mark.parametrize(("args", "field"), [((0, 2.0, 0.5, 10), "distill.layers"),
+                                             ((3, 0.0, 0.5, 10), "distill.temperature"),
+                                             ((3, 2.0, 1.5, 10), "distill.alpha"),
+                                             ((3, 2.0, 0.5, 0), "distill.steps")])
+def test_bad_distill_options_name_the_field(args: tuple, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        distill.check_options(*args)
+    with pytest.raises(ConfigError, match="distill.layers"):
+        distill.layer_indices(6, 7)
+
+
+def test_make_permanent_measures_mask_based_sparsity_after_folding() -> None:
+    model = tiny_bert()
+    result = compress.apply_masks(model, "l1_unstructured", 0.5)
+    assert result.masked
+    folded = compress.make_permanent(model, result)
+    assert folded is not None and not folded.masked and _no_masks(model)
+    assert folded.sparsity == pytest.approx(0.5, abs=1e-3)

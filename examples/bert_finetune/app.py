@@ -1,7 +1,7 @@
 """The Hydra app of the BERT example: ``python -m examples.bert_finetune [task=finetune|compress] ...``.
 
 ``task=finetune`` (default) fine-tunes and saves ``checkpoint_dir``; ``task=compress`` evaluates a pruned
-and/or quantised copy of it. In a ``-m`` sweep a failing job (for example ``quantize=fp16`` on a CPU) is
+(and recovered), distilled and/or quantised copy of it. In a ``-m`` sweep a failing job (for example ``quantize=fp16`` on a CPU) is
 recorded as a FAILED run tagged ``wattlog.error`` and the sweep goes on; a single run re-raises.
 """
 
@@ -42,6 +42,20 @@ def _task(cfg: DictConfig) -> tuple[Callable[[DictConfig, Any], dict[str, float]
     raise ConfigError("task", cfg.task, TASKS)
 
 
+def quiet_libraries() -> None:
+    """Keep the job's log to warnings and the app's own progress: Lightning's info lines ("GPU available:
+    False", "💡 Tip: ...", "`Trainer.fit` stopped") and transformers' weight-loading bars are left out."""
+    import importlib.util  # noqa: PLC0415
+
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)  # its import sets its logger to INFO: import first, then quieten
+            logging.getLogger(name).setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+
+
 def run_task(cfg: DictConfig, *, reraise: bool | None = None) -> dict[str, Any]:
     """Run ``cfg.task`` in its own MLflow run; returns its metrics, or ``{"status": "FAILED", ...}``.
 
@@ -51,6 +65,7 @@ def run_task(cfg: DictConfig, *, reraise: bool | None = None) -> dict[str, Any]:
     """
     from examples.bert_finetune import tracking  # noqa: PLC0415
 
+    quiet_libraries()
     task, run_name = _task(cfg)
     logger = tracking.make_logger(cfg, run_name, tags={"task": str(cfg.task)})
     tracking.log_config(logger, cfg)

@@ -13,6 +13,7 @@ Quantisation: ``int8_dynamic`` (torch.ao dynamic int8 Linear, CPU kernels), ``in
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -43,6 +44,8 @@ class PruneResult:
     amount: float
     sparsity: float
     target_params: int
+    masked: bool = False
+    """Pruning masks are still in place (:func:`make_permanent` folds them and measures the sparsity)."""
 
 
 def resolve_device_type(accelerator: str) -> str:
@@ -167,19 +170,26 @@ def apply_masks(model: nn.Module, method: str, amount: float, granularity: str =
             torch_prune.ln_structured(m, "weight", amount=float(amount), n=1, dim=0)
     else:
         raise ConfigError("prune.name", method, PRUNE_METHODS)
-    return PruneResult(method, amount, linear_sparsity(model), target)
+    return PruneResult(method, amount, linear_sparsity(model), target, masked=True)
 
 
-def make_permanent(model: nn.Module) -> None:
-    """Fold every pruning mask into its weight (``torch.nn.utils.prune.remove``)."""
+def make_permanent(model: nn.Module, result: PruneResult | None = None) -> PruneResult | None:
+    """Fold every pruning mask into its weight (``torch.nn.utils.prune.remove``).
+
+    Returns ``result`` with its sparsity measured after folding when it was mask-based, else as given.
+    """
     for module in model.modules():
         for name in [h._tensor_name for h in module._forward_pre_hooks.values()
                      if isinstance(h, torch_prune.BasePruningMethod)]:
             torch_prune.remove(module, name)
+    if result is not None and result.masked:
+        return dataclasses.replace(result, sparsity=linear_sparsity(model), masked=False)
+    return result
 
 
 def recover(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], steps: int, lr: float) -> int:
-    """Short recovery fine-tune (plain AdamW loop; masks keep pruned weights at zero). Returns steps run."""
+    """Short recovery fine-tune outside Lightning (plain AdamW loop, not metered; masks keep pruned weights
+    at zero). Returns steps run. The compression job recovers as a metered Lightning stage instead."""
     if steps <= 0:
         return 0
     device = next(model.parameters()).device
@@ -212,10 +222,7 @@ def prune_model(model: nn.Module, method: str, amount: float, granularity: str =
     result = apply_masks(model, method, amount, granularity)
     if recovery is not None:
         recover(model, *recovery)
-    make_permanent(model)
-    if method in ("l1_unstructured",) or (method == "structured" and granularity == "rows"):
-        result = PruneResult(method, amount, linear_sparsity(model), result.target_params)
-    return result
+    return make_permanent(model, result)  # type: ignore[return-value]
 
 
 def quantize_model(model: nn.Module, method: str, device_type: str = "cpu") -> nn.Module:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from wattlog.redact import redact_uri  # noqa: F401 - re-exported for callers of wattlog.compare
-from wattlog import keys, render
+from wattlog import keys, payback, render
 from wattlog.errors import ConfigError
 from wattlog.pareto import pareto_mask, pareto_mask_noisy
 from wattlog.units import J_PER_KWH
@@ -57,6 +57,7 @@ ENERGY_COLUMNS: dict[str, str] = {
     "j_per_sample": keys.stage_j_per_sample("train"),
     "test_j_per_sample": keys.stage_j_per_sample("test"),
     "avg_power_w": keys.AVG_POWER_W,
+    "make_j": keys.MAKE_J,
 }
 """DataFrame column -> MLflow metric key (latest value; joule keys also read from legacy kWh keys)."""
 
@@ -76,6 +77,7 @@ SORT_KEYS: dict[str, str] = {
     "delta": "delta_j",
     "metric": "<metric>",
     "target": "j_to_target",
+    "payback": "payback_samples",
 }
 """``--sort`` keys -> columns; ``metric`` sorts best first, the others ascending (``kwh`` = ``energy``)."""
 
@@ -417,6 +419,8 @@ def _row(run: Any, metric: str | None, exp_names: dict[str, str]) -> dict[str, A
     row["duration_s"] = duration_s
     for column, key in ENERGY_COLUMNS.items():
         row[column] = value(key)
+    if math.isnan(row["make_j"]) and any(keys.stage_j(s) in metrics for s in keys.MAKE_STAGES):
+        row["make_j"] = payback.make_energy_j(metrics)
     if metric is not None:
         row[metric] = value(metric)
     row["estimated"] = estimated_domains(params, tags)
@@ -720,6 +724,35 @@ def _inside(delta: float, noise_a: float, noise_b: float) -> bool:
     return abs(float(delta)) <= noise
 
 
+def add_payback(groups: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``payback_samples`` (:func:`wattlog.payback.payback_samples` of the group means against the
+    baseline group's ``test_j_per_sample``; inf: never, NaN: the baseline or no J/sample),
+    ``payback_samples_sd`` (propagated spread) and ``payback_in_noise`` (the J/sample saving is inside
+    the run-to-run spread) to a :func:`group_runs` frame; ``make_j`` missing counts as 0.
+
+    Raises:
+        ConfigError: the frame has no baseline group.
+    """
+    if "is_baseline" not in groups.columns or not groups["is_baseline"].any():
+        raise ConfigError("payback", True, "a baseline run (--baseline first, or a run's name or id)")
+    base = groups[groups["is_baseline"]].iloc[0]
+    base_j, base_sd = base.get("test_j_per_sample", math.nan), base.get("test_j_per_sample_sd", math.nan)
+    values, spreads, noisy = [], [], []
+    for _, r in groups.iterrows():
+        j, sd = r.get("test_j_per_sample", math.nan), r.get("test_j_per_sample_sd", math.nan)
+        make = float(r["make_j"]) if render.is_number(r.get("make_j")) else 0.0
+        if bool(r["is_baseline"]) or not (render.is_number(j) and j > 0 and render.is_number(base_j) and base_j > 0):
+            values.append(math.nan), spreads.append(math.nan), noisy.append(False)
+            continue
+        value = payback.payback_samples(make, float(j), float(base_j))
+        saved_sd = math.hypot(*[float(x) for x in (sd, base_sd) if render.is_number(x)] or [math.nan])
+        values.append(value)
+        spreads.append(payback.payback_spread(value, make, r.get("make_j_sd", math.nan), base_j - j, saved_sd))
+        noisy.append(payback.saving_in_spread(base_j - j, sd, base_sd))
+    groups["payback_samples"], groups["payback_samples_sd"], groups["payback_in_noise"] = values, spreads, noisy
+    return groups
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The one-line conclusion under the table.
@@ -908,6 +941,14 @@ def _delta_metric_cell(r: Any, metric: str) -> str:
     return text + IN_NOISE if in_noise and text != render.MISSING else text
 
 
+def _payback_cell(r: Any) -> str:
+    if bool(r.get("is_baseline", False)):
+        return "base"
+    value, sd = r.get("payback_samples"), r.get("payback_samples_sd")
+    text = payback.describe(value) + (f"±{payback.describe(sd)}" if render.is_number(sd) and sd > 0 else "")
+    return text + IN_NOISE if bool(r.get("payback_in_noise", False)) else text
+
+
 def table_columns(
     groups: pd.DataFrame, metric: str | None = None, *, unit: str = "J", wide: bool = False
 ) -> list[Column]:
@@ -932,6 +973,8 @@ def table_columns(
         if has_delta and f"delta_{metric}" in has:
             cols.append(Column(f"Δ {metric}", lambda r: _delta_metric_cell(r, metric)))
         cols.append(Column("★", lambda r: "★" if bool(r.get("pareto", False)) else ""))
+    if "payback_samples" in has:
+        cols.append(Column("payback", _payback_cell))
     if any(_notes_cell(r) for _, r in groups.iterrows()):
         cols.append(Column("note", _notes_cell, left=True))
     optional: list[Column] = []
@@ -1093,6 +1136,10 @@ def footnotes(
         )
         if any(k in _notes_cell(r).split(",") for _, r in groups.iterrows())
     )
+    if "payback" in shown:
+        notes.append("payback: inference samples until the energy to make a variant (energy/make_j) is repaid "
+                     "by the J per test sample it saves vs the baseline; never: it saves nothing"
+                     + (f"; {IN_NOISE}: the saving is inside the spread" if groups["payback_in_noise"].any() else ""))
     if "missing_energy" in groups.columns and groups["missing_energy"].any():
         notes.append("— logged no energy/total_j (shown, excluded from the front)")
     if groups.attrs.get("non_finite"):
@@ -1361,6 +1408,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--params", default=None, help="comma list of params to show (default: those that differ)")
+    p.add_argument(
+        "--payback",
+        action="store_true",
+        help="add the payback column: inference samples until a variant's make energy (energy/make_j) is "
+        "repaid by its J/test-sample saving vs the baseline",
+    )
     p.set_defaults(func=cli_compare)
 
 
@@ -1422,6 +1475,10 @@ def cli_compare(args: argparse.Namespace) -> int:
             return 0
         group = getattr(args, "group", True)
         groups = group_runs(df, args.metric, args.mode, group=group)
+        if getattr(args, "payback", False):
+            if baseline is None:
+                raise CliError("--payback needs a baseline (--baseline first, or a run's name or id)")
+            add_payback(groups)
         if args.format in ("csv", "json"):
             df = sort_frame(df, args.sort, args.metric, args.mode)
             by_group = groups.set_index("group")

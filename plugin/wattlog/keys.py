@@ -53,6 +53,24 @@ IDLE_POWER_W = "energy/idle_power_w"
 DYNAMIC_J = "energy/dynamic_j"
 RERUN_J = "energy/rerun_j"
 
+
+def fit_stage_keys(stage: str) -> dict[str, str]:
+    """Summary keys of a fit stage named ``stage`` (e.g. ``recover``), by the train key they replace.
+
+    ``{}`` for ``train``; ``{"energy/train_j": "energy/recover_j", "energy/j_per_sample":
+    "energy/recover_j_per_sample"}`` for ``recover``.
+    """
+    if stage == "train":
+        return {}
+    return {stage_j("train"): stage_j(stage), stage_j_per_sample("train"): stage_j_per_sample(stage)}
+
+
+# -- payback of a compressed model (see wattlog.payback) --------------------------------------------
+MAKE_STAGES = ("recover", "distill")
+"""Fit stages whose energy makes a compressed variant (recovery fine-tune, knowledge distillation)."""
+MAKE_J = "energy/make_j"
+PAYBACK_SAMPLES = "energy/payback_samples"
+
 # -- params ---------------------------------------------------------------------------------------
 P_GPU_MODEL = "energy.gpu_model"
 P_GPU_COUNT = "energy.gpu_count"
@@ -74,6 +92,7 @@ T_SHORT_RUN = "energy.short_run"
 T_SWEEP_ID = "energy.sweep_id"
 T_SWEEP_JOB = "energy.sweep_job"
 T_OVERRIDES = "energy.overrides"
+T_PAYBACK = "energy.payback"
 
 
 def attempt_tag(n: int) -> str:

@@ -75,6 +75,7 @@ class EnergySession:
         collectives: for DDP; None in a single process.
         link_tags: tags set on the run when it is first opened (e.g. the links into a Hydra sweep).
         on_degrade: called with every degradation reason (after the policy's warning).
+        fit_stage: the fit stage's name in the summary keys (``recover``: ``energy/recover_j``).
     """
 
     def __init__(
@@ -87,8 +88,10 @@ class EnergySession:
         collectives: Collectives | None = None,
         link_tags: dict[str, str] | None = None,
         on_degrade: Callable[[str], None] | None = None,
+        fit_stage: str = "train",
     ) -> None:
         self.options = options
+        self.fit_stage = fit_stage
         self.sink: Any = None
         self.gpus = gpus
         self.host = host
@@ -254,6 +257,9 @@ class EnergySession:
             return
         try:
             summary = self.ledger.summary()
+            for train_key, stage_key in keys.fit_stage_keys(self.fit_stage).items():
+                if train_key in summary:
+                    summary[stage_key] = summary.pop(train_key)
             if self.idle_power_w is not None:
                 summary[keys.IDLE_POWER_W] = self.idle_power_w
                 dynamic_j = self.ledger.state.total_j - self.idle_power_w * self.ledger.state.duration_s

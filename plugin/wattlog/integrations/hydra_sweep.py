@@ -23,7 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from wattlog import keys
+from wattlog import keys, payback
 from wattlog.errors import ConfigError, SinkError, WattlogWarning, degrade
 from wattlog.integrations.sweep_context import (
     LEGACY_T_JOB_NUM,
@@ -124,6 +124,12 @@ class EnergySweepCallback(Callback):
         metric: the objective metric the jobs log (e.g. ``val_acc``).
         mode: ``max`` when a larger metric is better, ``min`` when smaller is.
         run_name: name of the parent run; default ``sweep <sweep dir name>``.
+        payback_baseline: overrides that mark the baseline jobs of a compression sweep, e.g.
+            ``compress=none``: then every child gets ``energy/payback_samples`` against the baselines'
+            mean ``energy/test_j_per_sample`` (or the tag ``energy.payback=never``/``baseline``), the
+            summary gains ``energy/make_j``, ``saved_j_per_sample``, ``energy/payback_samples``,
+            ``payback`` and ``delta_<metric>`` and is ranked by payback (baseline first), the parent gets
+            ``wattlog.best_by_payback`` and the chart labels each point with its payback.
     """
 
     def __init__(
@@ -133,6 +139,7 @@ class EnergySweepCallback(Callback):
         metric: str = "val_loss",
         mode: str = "min",
         run_name: str | None = None,
+        payback_baseline: str | None = None,
     ) -> None:
         if mode not in ("max", "min"):
             raise ConfigError("hydra.callbacks.energy_sweep.mode", mode, ("max", "min"))
@@ -147,6 +154,10 @@ class EnergySweepCallback(Callback):
         self.metric = str(metric)
         self.mode = mode
         self.run_name = run_name
+        self.payback_baseline = str(payback_baseline or "").split()
+        if any("=" not in item for item in self.payback_baseline):
+            raise ConfigError("hydra.callbacks.energy_sweep.payback_baseline", payback_baseline,
+                              "space-separated overrides of the baseline jobs, e.g. 'compress=none'")
         self.parent_run_id: str | None = None
         self.sweep_id: str | None = None
         self.sweep_dir: Path | None = None
@@ -282,6 +293,8 @@ class EnergySweepCallback(Callback):
             unlinked = _unlinked_jobs(jobs, children)
             rows = summary_rows(children, self.metric)
             mark_front(rows, self.metric, self.mode)
+            if self.payback_baseline:
+                self._add_payback(client, children, rows)
             out_dir = (self.sweep_dir or Path(".")) / "wattlog"
             out_dir.mkdir(parents=True, exist_ok=True)
             front = sorted((r for r in rows if r["on_front"]), key=lambda r: r[ENERGY_KEY])
@@ -300,6 +313,23 @@ class EnergySweepCallback(Callback):
         finally:
             client.set_terminated(self.parent_run_id, status=status)
 
+    def _add_payback(self, client: Any, children: list[Any], rows: list[dict[str, Any]]) -> None:
+        """Payback columns and ranking of the summary (:func:`wattlog.payback.add_payback`), and each
+        child's ``energy/payback_samples`` or ``energy.payback`` tag."""
+        from mlflow.entities import Metric, RunTag
+
+        make = {run.info.run_id: payback.make_energy_j(run.data.metrics) for run in children}
+        for row in rows:
+            row[keys.MAKE_J] = make[row["run_id"]]
+        wanted = [item.split("=", 1) for item in self.payback_baseline]
+        payback.add_payback(rows, lambda r: all(str(r.get(k, "")) == v for k, v in wanted), self.metric)
+        now_ms = int(time.time() * 1000)
+        for row in rows:
+            values, tags = payback.mlflow_fields(row[keys.PAYBACK_SAMPLES], is_baseline=row["baseline"])
+            if values or tags:
+                client.log_batch(row["run_id"], metrics=[Metric(k, v, now_ms, 0) for k, v in values.items()],
+                                 tags=[RunTag(k, v) for k, v in tags.items()])
+
     def _log_bests(self, client: Any, rows: list[dict[str, Any]], n_unlinked: int) -> None:
         from mlflow.entities import Metric, RunTag
 
@@ -310,6 +340,9 @@ class EnergySweepCallback(Callback):
             tags.append(RunTag("wattlog.best_by_energy", by_energy))
         if by_metric is not None:
             tags.append(RunTag("wattlog.best_by_metric", by_metric))
+        by_payback = best_run(rows, keys.PAYBACK_SAMPLES, "min") if self.payback_baseline else None
+        if by_payback is not None:
+            tags.append(RunTag("wattlog.best_by_payback", by_payback))
         values = {
             "sweep/n_runs": float(len(rows)),
             "sweep/n_pareto": float(sum(bool(r["on_front"]) for r in rows)),
@@ -477,7 +510,8 @@ def _plot_pareto(rows: list[dict[str, Any]], metric: str, mode: str, path: Path)
     est = [str(r.get("energy.estimated", "")) for r in rows]
     df = pd.DataFrame(
         {
-            "label": [str(r["run_name"]) or f"#{r['job_num']}" for r in rows],
+            "label": [(str(r["run_name"]) or f"#{r['job_num']}") + (f" (payback {r['payback']})" if "payback" in r
+                                                                     else "") for r in rows],
             "energy_j": [r[ENERGY_KEY] for r in rows],
             metric: [r[metric] for r in rows],
             "pareto": [bool(r["on_front"]) for r in rows],

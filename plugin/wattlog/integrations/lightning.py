@@ -24,11 +24,12 @@ resumes into the run that wrote it; ``validate/test/predict(ckpt_path=...)`` nev
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from typing import Any
 
-from wattlog.errors import WattlogWarning, degrade
+from wattlog.errors import ConfigError, WattlogWarning, degrade
 from wattlog.integrations import lightning_run as run
 from wattlog.ledger import StepLabel
 from wattlog.options import MonitorOptions
@@ -39,6 +40,9 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     """Log per-step GPU/CPU/RAM energy, power and CO2e of a Lightning run into MLflow.
 
     Args:
+        fit_stage: the name of the fit stage in the summary keys (also settable as the attribute
+            before the fit): ``recover`` logs ``energy/recover_j`` and ``energy/recover_j_per_sample``
+            instead of ``energy/train_j`` and ``energy/j_per_sample`` (a second, named fit in a run).
         **options: see :class:`wattlog.options.MonitorOptions` (``gpus``, ``cpu``, ``ram``,
             ``cpu_scope``, ``carbon`` or ``country``/``region``/``carbon_intensity``/``pue``,
             ``log_every_n_steps``, ``sync_cuda``, ``per_device``, ``target``, ``idle_baseline_s``,
@@ -48,7 +52,10 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         ConfigError: a bad option (named, with the allowed values), before any hardware is touched.
     """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, fit_stage: str = "train", **options: Any) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(fit_stage)) or fit_stage in ("val", "test", "predict", "other"):
+            raise ConfigError("fit_stage", fit_stage, "a lowercase name other than val/test/predict, e.g. 'recover'")
+        self.fit_stage = str(fit_stage)
         self.options = MonitorOptions.from_kwargs(**options)
         self._count = self.options.count_samples()
         self._session: EnergySession | None = None
@@ -186,7 +193,8 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         log_every = self.options.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
         return EnergySession(self.options, gpus=run.gpu_selection(trainer, self.options),
                              host=int(getattr(trainer, "local_rank", 0)) == 0, log_every_n_steps=log_every,
-                             collectives=collectives, link_tags=run.sweep_tags() if rank == 0 else None)
+                             collectives=collectives, link_tags=run.sweep_tags() if rank == 0 else None,
+                             fit_stage=self.fit_stage)
 
     def _apply_restored(self, trainer: Any, fit: bool) -> None:
         state, self._restored = self._restored, None
