@@ -328,16 +328,17 @@ def _expand_parents(tab: Any) -> None:
     """Unfold every parent run, so that the table and charts show the sweep's children."""
     from playwright.sync_api import Error as PlaywrightError
 
+    links = "a[href*='/runs/']"
     with contextlib.suppress(PlaywrightError):
         tab.wait_for_selector(EXPANDER, timeout=10_000)
-        tab.wait_for_timeout(1500)  # the table re-renders once its metrics arrive
-        buttons = tab.locator(EXPANDER)
-        for i in range(buttons.count()):
-            if buttons.nth(i).is_visible():
-                links_before = tab.locator("a[href*='/runs/']").count()
-                buttons.nth(i).dispatch_event("click")  # a real click only focuses the cell
-                tab.wait_for_function(f"document.querySelectorAll(\"a[href*='/runs/']\").length > {links_before}",
-                                      timeout=5_000)
+        for _attempt in range(5):  # the table re-renders while its metrics arrive: retry until it unfolds
+            tab.wait_for_timeout(1500)
+            before = tab.locator(links).count()
+            for i in range(tab.locator(EXPANDER).count()):
+                tab.locator(EXPANDER).nth(i).dispatch_event("click")  # a real click only focuses the cell
+            tab.wait_for_timeout(1500)
+            if tab.locator(links).count() > before:
+                return
 
 
 def _find_chromium(given: str | None) -> str:
