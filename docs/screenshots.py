@@ -287,6 +287,8 @@ def take(
                 viewport={"width": size[0], "height": size[1]}, device_scale_factor=1
             )
             context.add_init_script(UI_PREFERENCES)
+            if exp is not None:  # the runs table shows energy and accuracy, not only Source and Models
+                context.add_init_script(_table_columns_script(exp["experiment_id"]))
             for name, url, why in pages:
                 if url is None:
                     shots.skipped.append(f"{name}: {why}")
@@ -318,6 +320,19 @@ def take(
         finally:
             browser.close()
     return shots
+
+
+TABLE_COLUMNS = [
+    "metrics.`energy/total_j`", "metrics.`energy/test_j_per_sample`", "metrics.`test_acc`",
+    "params.`prune.name`", "params.`quantize.name`", "tags.`energy.estimated`",
+]
+"""Columns of the runs-table shot (MLflow 3.17 keeps them in the experiment page's localStorage state)."""
+
+
+def _table_columns_script(experiment_id: str) -> str:
+    key = f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState'
+    state = json.dumps({"selectedColumns": TABLE_COLUMNS})
+    return f"try {{ localStorage.setItem({json.dumps(key)}, {json.dumps(state)}); }} catch (e) {{}}"
 
 
 EXPANDER = "button[data-component-id*='runnamecellrenderer']"
