@@ -110,6 +110,8 @@ def _check_sweep(s: dict[str, Any], n_jobs: int, swept: list[str]) -> None:
             assert f"override.{key}" in child.data.params
         assert _total_j(child.data.metrics) > 0
         assert len(child.info.run_name) <= 40 and "=" not in child.info.run_name  # the differing values only
+    # readable and as distinct as the jobs' overrides (Optuna may repeat a trial), whatever built the logger
+    assert len({c.info.run_name for c in children}) == len({c.data.tags.get("energy.overrides") for c in children})
     assert {p.name for p in s["dir"].iterdir()} == {"summary.csv", "pareto.csv", "pareto.png"}
 
     summary = _read_csv(s["dir"] / "summary.csv")

@@ -906,6 +906,9 @@ def test_real_server_killed_and_restarted_mid_stream(tmp_path, template_db, leni
             for s in range(200):
                 sink.log_points(steps[s])
                 time.sleep(0.002)
+            deadline = time.monotonic() + 60  # the delivery process is up and sending (slow on a loaded machine)
+            while not local.get_run(run_id).data.metrics and time.monotonic() < deadline:
+                time.sleep(0.1)
             server.kill()  # crash mid-stream
             for s in range(200, 300):
                 sink.log_points(steps[s])

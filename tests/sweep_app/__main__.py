@@ -1,7 +1,7 @@
 """``python -m tests.sweep_app [overrides]``: a project with its own ``logger`` config, no wattlog logger.
 
 ``link``: ``monitor`` (default) relies on the EnergyMonitor to link the run into the sweep;
-``app`` adds a small callback that sets :func:`wattlog.integrations.sweep_context.sweep_link_tags` itself
+``app`` adds a small callback that sets :func:`wattlog.integrations.lightning_run.sweep_tags` itself
 (what the monitor does at setup) unless ``energy=off``; ``none`` adds nothing.
 """
 
@@ -25,12 +25,12 @@ def main(cfg: DictConfig) -> Any:
     from torch.utils.data import DataLoader, TensorDataset
 
     from wattlog.integrations.hydra import instantiate_energy
-    from wattlog.integrations.sweep_context import sweep_link_tags
+    from wattlog.integrations.lightning_run import sweep_tags
 
     class Link(pl.Callback):
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             logger = trainer.logger
-            for key, value in sweep_link_tags().items():
+            for key, value in sweep_tags(trainer).items():
                 logger.experiment.set_tag(logger.run_id, key, value)
 
     class Tiny(pl.LightningModule):
@@ -50,6 +50,7 @@ def main(cfg: DictConfig) -> Any:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=self.lr)
 
+    pl.seed_everything(0)  # as projects do: MLflow's random run names are then the same in every job
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=g)
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)

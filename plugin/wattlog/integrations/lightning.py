@@ -193,7 +193,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         log_every = self.options.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
         return EnergySession(self.options, gpus=run.gpu_selection(trainer, self.options),
                              host=int(getattr(trainer, "local_rank", 0)) == 0, log_every_n_steps=log_every,
-                             collectives=collectives, link_tags=run.sweep_tags() if rank == 0 else None,
+                             collectives=collectives, link_tags=run.sweep_tags(trainer) if rank == 0 else None,
                              fit_stage=self.fit_stage)
 
     def _apply_restored(self, trainer: Any, fit: bool) -> None:

@@ -72,11 +72,22 @@ def stage_fn(trainer: Any) -> str:
     return str(getattr(fn, "value", fn) or "")
 
 
-def sweep_tags() -> dict[str, str]:
-    """The tags that link this job's run into its wattlog Hydra sweep (``{}`` outside one)."""
-    from wattlog.integrations.sweep_context import sweep_link_tags
+def sweep_tags(trainer: Any = None) -> dict[str, str]:
+    """The tags that link this job's run into its wattlog Hydra sweep (``{}`` outside one).
 
-    return sweep_link_tags()
+    When the trainer's ``MLFlowLogger`` was given no ``run_name`` (MLflow then draws a random one, the
+    same in every job once the app seeds ``random``), also ``mlflow.runName``: the job's differing
+    override values (:func:`wattlog.integrations.sweep_context.run_name`).
+    """
+    from wattlog.integrations.sweep_context import sweep_link_tags, sweep_run_name
+
+    tags = sweep_link_tags()
+    unnamed = [lg for lg in getattr(trainer, "loggers", []) or []
+               if _is_mlflow_logger(lg) and getattr(lg, "_run_name", "") is None]
+    name = sweep_run_name() if tags and unnamed else None
+    if name:
+        tags["mlflow.runName"] = name
+    return tags
 
 
 def link_disabled_run(trainer: Any) -> None:
