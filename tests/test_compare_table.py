@@ -339,7 +339,9 @@ def test_gpu_column_and_markers(store: dict, capsys: pytest.CaptureFixture) -> N
     assert "short: shorter than its energy method resolves" in out
     assert "degr: a source degraded during the run" in out
     assert "—" in rows["tiny"].split("est,short")[1].split()[0]  # no GPU measured: no 0 J
-    assert out.splitlines()[-1].startswith("best trade-off: flaky:")  # never the short run
+    verdict = out[out.index("best trade-off:"):].replace("\n", " ")
+    assert verdict.startswith("best trade-off: tiny:")  # named, with its caveat: it may be noise
+    assert "shorter than its energy method resolves" in verdict
     rc, out, _ = cli(
         ["-e", "bert-compress", "--metric", "test_acc", "--wide", "--tracking-uri", store["uri"]], capsys
     )

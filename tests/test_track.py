@@ -64,6 +64,7 @@ def test_plain_loop_logs_every_step_and_the_summary_into_the_active_run(gpu, act
         starts.append(time.perf_counter())
         with energy.stage("eval", samples=8):
             time.sleep(0.05)
+    assert energy.run_id == active_run.info.run_id  # still known after the block, for a final print
     hist = _history(mlflow_uri, active_run.info.run_id)
     _check(hist, list(range(6)))
     for (step, step_j), t0, t1 in zip(hist["energy/step_j"], starts, starts[1:]):

@@ -8,6 +8,7 @@ recorded as a FAILED run tagged ``wattlog.error`` and the sweep goes on; a singl
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def quiet_libraries() -> None:
             importlib.import_module(name)  # its import sets its logger to INFO: import first, then quieten
             logging.getLogger(name).setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
+    # Lightning 2.6's own use of a deprecated torch pytree API: nothing a user of this app can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def run_task(cfg: DictConfig, *, reraise: bool | None = None) -> dict[str, Any]:

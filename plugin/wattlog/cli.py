@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from wattlog.redact import redact_text
 
     parser = build_parser()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read: noise
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line

@@ -826,10 +826,10 @@ def verdict(
     cheaper = [
         r
         for r in others
-        if float(r["total_j"]) < ref_j and render.is_number(r[metric]) and not bool(r.get("short_run", False))
-    ]  # a run below its method's resolution proves nothing
+        if float(r["total_j"]) < ref_j and render.is_number(r[metric])
+    ]
     real = [r for r in cheaper if not saving(r)[1]]
-    pool = [ref, *real]  # the front among them: short runs cannot knock a run off it
+    pool = [ref, *real]  # the front among them
     mask = pareto_mask_noisy(
         [float(r[metric]) for r in pool],
         [float(r["total_j"]) for r in pool],
@@ -861,7 +861,8 @@ def verdict(
         trade = f"{render.format_percent(pct)} energy for {render.format_signed(dm)} {metric}"
     if dm_noise:
         trade += " (inside spread)"
-    text = f"best trade-off: {_label(best)}: {trade} vs {ref['run_name']}{unknown}"
+    short = "; shorter than its energy method resolves" if bool(best.get("short_run", False)) else ""
+    text = f"best trade-off: {_label(best)}: {trade} vs {ref['run_name']}{unknown}{short}"
     return Verdict(text, str(best["run_name"]), best["group"])
 
 

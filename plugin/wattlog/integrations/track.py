@@ -54,11 +54,12 @@ class Tracker:
         self._loop: LoopEnergy | None = None
         self._stage = "train"
         self._last_step = -1
+        self._done_run_id: str | None = None
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run the energy goes to (None: a local folder, another rank, or not entered)."""
-        return self._loop.run_id if self._loop is not None else None
+        """The MLflow run the energy goes (or went) to (None: a local folder, another rank, or not entered)."""
+        return self._loop.run_id if self._loop is not None else self._done_run_id
 
     def __enter__(self) -> Tracker:
         run_id, tracking_uri, device, root_dir = self._args
@@ -73,6 +74,7 @@ class Tracker:
         loop, self._loop = self._loop, None
         if loop is None:
             return
+        self._done_run_id = loop.run_id
         try:
             if exc is not None:
                 loop.fail(exc, self._last_step + 1)
