@@ -3,7 +3,7 @@
 Every figure here is an *accuracy* on simulated reads (no threads, no wall clock): a square wave
 (100 W <-> 400 W, 1 s period, 50 % duty), an energy counter that updates every 100 ms (each update the
 exact integral), an instant-power field that holds the power sampled at its last update (every 20 ms),
-reads every 20 ms +-25 % (the sampler's dither, seeded), 25 ms steps.
+reads every 20 ms (+-25 % while shaping: the sampler's dither, seeded), 25 ms steps.
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ def simulate(wave: SquareWave, *, counter_s: float = 0.1, instant_s: float = 0.0
     """Feed a CounterShaper simulated reads; return (shaper, step bounds, true step energies, reads)."""
     rng = random.Random(seed)
     t0 = 0.5
-    times = [t0]
-    while times[-1] < t0 + duration_s:
-        times.append(times[-1] + read_s * (1 + 0.25 * rng.uniform(-1, 1)))
 
     def counter(t: float) -> float:
         return wave.integral(0.0, _last_update(t, counter_s, phase_s))
@@ -43,10 +40,12 @@ def simulate(wave: SquareWave, *, counter_s: float = 0.1, instant_s: float = 0.0
     c0 = counter(t0)
     shaper = CounterShaper(t0, 0.0, instant(t0), shape=shape)
     reads = []
-    for t in times[1:]:
+    t = t0
+    while t < t0 + duration_s:  # like the sampler: dithered while shaping, else regular (+0.2 ms jitter)
+        t += read_s * (1 + (0.25 if shaper.engaged else 0.0) * rng.uniform(-1, 1)) + rng.gauss(0.0, 2e-4)
         reads.append((t, counter(t) - c0))
         shaper.add(t, counter(t) - c0, instant(t) if shaper.wants_power else None)
-    end_s = times[-1]
+    end_s = t
     bounds = [t0 + i * step_s for i in range(int((end_s - t0) / step_s) + 1)]
     truth = [wave.integral(a, b) for a, b in zip(bounds, bounds[1:])]
     return shaper, bounds, truth, reads

@@ -152,15 +152,18 @@ class Sampler:
                 self._on_note(note)
 
     def _run(self) -> None:
-        # The cadence is dithered by +-25 % (same mean): reads then land at varying phases of a slow
-        # counter's updates, which is what narrows down when the counter updates (sources/shaping.py).
+        # While a source asks for it (a slow counter being shaped), the cadence is dithered by +-25 % (same
+        # mean): reads then land at varying phases of the counter's updates, which is what narrows down when
+        # it updates (sources/shaping.py). Otherwise the cadence is regular: a counter about as fast as the
+        # reads is then read at a steady phase, so its slope between reads stays right.
         dither = random.Random()
         next_s = time.perf_counter()
         while not self._stop.is_set():
             t_cpu = time.thread_time()
             self.sample_once()
             self.cpu_time_s += time.thread_time() - t_cpu
-            next_s += self._interval_s * (1.0 + _DITHER * dither.uniform(-1.0, 1.0))
+            jitter = _DITHER if any(getattr(s, "wants_dither", False) for s in self._sources) else 0.0
+            next_s += self._interval_s * (1.0 + jitter * dither.uniform(-1.0, 1.0))
             delay_s = next_s - time.perf_counter()
             if delay_s < 0:  # fell behind (slow source or busy interpreter): don't burst
                 next_s = time.perf_counter()

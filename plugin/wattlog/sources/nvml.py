@@ -591,6 +591,11 @@ class NvmlGpu(EnergySource):
                 notes = (note,)
         return now_s, notes
 
+    @property
+    def wants_dither(self) -> bool:
+        """True while a slow counter is shaped: the sampler then dithers its cadence (see sampler.py)."""
+        return any(d.shaper.engaged for d in self._devices)
+
     def read_final(self) -> Reading:
         """The last reading: every device's curve is made final up to now (see :meth:`read`)."""
         return self.read(final=True)

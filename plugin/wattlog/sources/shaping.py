@@ -5,22 +5,19 @@ the sampler reads it (20-100 ms is plausible). Interpolating the raw readings th
 *quantum* into a staircase: flat for a whole period, then a jump, so steps shorter than the period get
 badly wrong energies. :class:`CounterShaper` fixes that without giving up the counter's exactness:
 
-1. **Detect a slow counter** from repeated identical readings after it has moved. Until then it passes
-   every reading through unchanged (a counter at least as fast as the sampler is placed at its read
-   times, as before).
-2. **Locate each update.** Update ``k`` lies in the bracket ``(a_k, b_k]`` between the last read that
-   showed the old value and the first that shows the new one. The update period is the slope of the
-   brackets' midpoints against their update numbers; its phase is the intersection of the recent
-   brackets shifted by whole periods (narrow because the sampler's cadence is dithered). The update
-   time is that phase, clamped into the bracket.
-3. **Shape each quantum** ``[u_(k-1), u_k]`` by the instant-power readings inside it: between two reads
-   with the same power the power is flat; where the reading changed, the power steps from the old to
-   the new level somewhere in a *change window* (the read interval, extended back by the previous
-   one: the sensor's own update lags the read). The counter delta minus the gain-scaled flat energy
-   is what the change windows must hold: each window's step is placed so that it does (weighted by
-   its level change, clipped to its window), and whatever cannot be placed is spread in proportion to
-   power. The gain (counter joules per instant-power joule, a sensor calibration) is the ratio over the
-   recent quanta without a power change.
+1. **Detect a slow counter**: identical readings after it has moved, then a change. Until then every
+   reading passes through, placed at its read time (as before); a counter whose period turns out under
+   1.2 read intervals goes back to that (its updates cannot be told apart), with half a period of lag.
+2. **Locate each update** in its bracket ``(a_k, b_k]`` (last read with the old value, first with the new):
+   the period is the slope of the brackets' midpoints against their update numbers, searched for the
+   widest window common to the recent brackets shifted by whole periods; the update is that window's
+   middle. The sampler dithers its cadence meanwhile, so the brackets land at varying phases.
+3. **Shape each quantum** ``[u_(k-1), u_k]`` by the instant-power readings in it: flat between two reads
+   with the same power; where they differ, one step from the old to the new level inside a *change
+   window* (the read interval, extended back over the previous flat one: the sensor lags the read). The
+   counter delta minus the gain-scaled flat energy is what the windows hold: each window's step is placed
+   so that it does (weighted by its level change, clipped to its window); what cannot be placed is spread
+   in proportion to power. The gain (counter J per instant-power J) is the ratio over recent flat quanta.
 
 The shaped curve equals the counter at every located update, so energies between updates are exactly
 the counter's deltas and per-step energies still telescope. The energy after the last update is an
@@ -40,17 +37,12 @@ from wattlog.sources.base import Reading
 _HISTORY = 24  # update brackets kept to estimate the counter's period and phase
 _GAIN_QUANTA = 12
 _GAIN_RANGE = (0.25, 4.0)
-_SAME_POWER_REL = 1e-3
-"""Two power readings within this relative difference are the same level."""
-_ENGAGE_AFTER = 1
-"""Shaping engages once the counter moved, held still over a read, and moved again."""
-_DISENGAGE_AFTER = 4
-"""...and disengages after this many consecutive reads that each saw a change (a fast counter again)."""
-_HOLD_S = 0.25
-"""Not engaged, identical readings are held back this long before they count as a flat stretch."""
-_STALL_PERIODS = 4.0
-_STALL_MIN_S = 0.5
-"""Engaged, a counter that has not changed for max(_STALL_PERIODS x period, _STALL_MIN_S) is flat to now."""
+_SAME_POWER_REL = 1e-3  # two power readings within this relative difference are the same level
+_ENGAGE_AFTER = 1  # shaping engages once the counter moved, held still over a read, and moved again...
+_DISENGAGE_AFTER = 100  # ...and disengages after this many reads in a row that each saw a change
+_MIN_PERIOD_READS = 1.2  # shaping needs a counter period of at least this many read intervals
+_HOLD_S = 0.25  # not engaged: identical readings are held back this long before they count as flat
+_STALL_PERIODS, _STALL_MIN_S = 4.0, 0.5  # engaged: no change for max(4 periods, 0.5 s) is flat to now
 
 
 def estimate_period(brackets: Sequence[tuple[float, float]]) -> tuple[float | None, list[int]]:
@@ -63,14 +55,14 @@ def estimate_period(brackets: Sequence[tuple[float, float]]) -> tuple[float | No
         return None, []
     mids = [(a + b) / 2 for a, b in brackets]
     gaps = sorted(m1 - m0 for m0, m1 in zip(mids, mids[1:]))
-    p0 = gaps[len(gaps) // 2]
+    usual = [g for g in gaps if g < 2.5 * gaps[len(gaps) // 2]]  # without stalls and missed updates
+    p0 = sum(usual) / len(usual) if usual else 0.0  # a mean: aliased reads make gaps of d and 2d, not P
     if p0 <= 0:
         return None, []
     numbers = [0]
     for m0, m1 in zip(mids, mids[1:]):
         numbers.append(numbers[-1] + max(1, round((m1 - m0) / p0)))
-    n_mean = sum(numbers) / len(numbers)
-    m_mean = sum(mids) / len(mids)
+    n_mean, m_mean = sum(numbers) / len(numbers), sum(mids) / len(mids)
     var = sum((n - n_mean) ** 2 for n in numbers)
     if var <= 0:
         return None, []
@@ -88,12 +80,9 @@ def _phase_window(brackets: Sequence[tuple[float, float]], numbers: Sequence[int
 
 
 def locate_update(brackets: Sequence[tuple[float, float]]) -> float:
-    """The most likely time of the newest update in ``brackets`` (the last one).
-
-    With a period (>= 3 brackets): the period that leaves the widest window common to every bracket
-    (shifted by whole periods) is searched near the estimate, and the newest update is the middle of
-    that window. When no period fits all the brackets (a jittery or irregular counter) fewer recent
-    brackets are used; failing that, the newest bracket's middle.
+    """The most likely time of the newest update: the middle of the widest window common to the brackets
+    shifted by whole periods (period searched near the estimate); when none fits (an irregular counter),
+    fewer recent brackets; failing that, the newest bracket's middle.
     """
     brackets = list(brackets)
     a_n, b_n = brackets[-1]
@@ -105,8 +94,7 @@ def locate_update(brackets: Sequence[tuple[float, float]]) -> float:
         lo_p, hi_p = period * 0.98, period * 1.02
         for _ in range(40):  # the window width is concave in the period: ternary search
             m1, m2 = lo_p + (hi_p - lo_p) / 3, hi_p - (hi_p - lo_p) / 3
-            w1 = _phase_window(recent, numbers, m1)
-            w2 = _phase_window(recent, numbers, m2)
+            w1, w2 = _phase_window(recent, numbers, m1), _phase_window(recent, numbers, m2)
             if w1[1] - w1[0] < w2[1] - w2[0]:
                 lo_p = m1
             else:
@@ -241,6 +229,8 @@ class CounterShaper:
         self._held = 0
         self._resumes = 0
         self._streak = 0
+        self._read_dt: float | None = None
+        self._lag_s = 0.0
         self._brackets: deque[tuple[float, float]] = deque(maxlen=_HISTORY)
         self._last_change_s = start_s
         self._gain_hist: deque[tuple[float, float, bool]] = deque(maxlen=_GAIN_QUANTA)
@@ -258,6 +248,8 @@ class CounterShaper:
         if time_s <= prev_s:
             return
         self._reads.append((time_s, energy_j, power_w))
+        dt = time_s - prev_s
+        self._read_dt = dt if self._read_dt is None else 0.9 * self._read_dt + 0.1 * dt
         if not self.shape:
             self._counter_j = energy_j
             self._emit(time_s, energy_j)
@@ -278,7 +270,14 @@ class CounterShaper:
                     self.engaged = False
                     self._resumes = 0
             self._held = 0
-            self._close_quantum(None if self.engaged else time_s)
+            if self.engaged and len(self._brackets) >= 8:
+                period = estimate_period(self._brackets)[0]
+                if period is not None and period < _MIN_PERIOD_READS * self._read_dt:
+                    self.engaged = False  # about as fast as the reads: updates cannot be told apart,
+                    self._resumes = -_DISENGAGE_AFTER  # but a reading lags its update by half a period
+                    self._lag_s = period / 2
+            end_s = max(time_s - self._lag_s, (self.times_s[-1] + time_s) / 2)
+            self._close_quantum(None if self.engaged else end_s)
             return
         self._held += 1
         limit_s = max(_STALL_PERIODS * (self.period_s or 0.0), _STALL_MIN_S) if self.engaged else _HOLD_S
