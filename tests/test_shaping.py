@@ -130,9 +130,20 @@ def test_tail_is_instant_power_after_the_last_update() -> None:
     assert tail_j == pytest.approx(200.0 * (reads[-1][0] - last_update), rel=0.01)  # gain ~1
 
 
-def test_fast_counter_passes_through_unchanged() -> None:
-    shaper, _, _, reads = simulate(SquareWave(), counter_s=0.0)
+def test_fast_counter_keeps_every_reading_and_is_shaped_between_reads() -> None:
+    shaper, bounds, truth, reads = simulate(SquareWave(), counter_s=0.001)
     assert not shaper.engaged
+    assert all(shaper.value_at(t) == pytest.approx(e, abs=1e-9) for t, e in reads)  # the counter, exactly
+    shaper.flush(reads[-1][0])
+    median, p95 = median_p95(step_errors(shaper, bounds[:-2], truth[:-2]))
+    assert median <= 0.01 and p95 <= 0.06, (median, p95)  # interpolating the reads alone: p95 ~15 %
+
+
+def test_without_instant_power_a_fast_counter_passes_through_unchanged() -> None:
+    shaper = CounterShaper(0.0, 0.0)
+    reads = [(0.02 * i, 5.0 * i + (i % 3)) for i in range(1, 30)]
+    for t, e in reads:
+        shaper.add(t, e)
     assert shaper.times_s[1:] == [t for t, _ in reads] and shaper.values_j[1:] == [e for _, e in reads]
 
 

@@ -6,7 +6,7 @@ the sampler reads it (20-100 ms is plausible). Interpolating the raw readings th
 badly wrong energies. :class:`CounterShaper` fixes that without giving up the counter's exactness:
 
 1. **Detect a slow counter**: identical readings after it has moved, then a change. Until then every
-   reading passes through, placed at its read time (as before); a counter whose period turns out under
+   reading is kept at its read time (each read interval shaped as in 3.); a counter whose period is under
    1.2 read intervals goes back to that (its updates cannot be told apart), with half a period of lag.
 2. **Locate each update** in its bracket ``(a_k, b_k]`` (last read with the old value, first with the new):
    the period is the slope of the brackets' midpoints against their update numbers, searched for the
@@ -237,8 +237,8 @@ class CounterShaper:
 
     @property
     def wants_power(self) -> bool:
-        """True when the next read should carry instant power: the counter is (or may be) slow."""
-        return self.shape and (self.engaged or self._held)
+        """True when reads should carry instant power (a counter source: fast counters are shaped too)."""
+        return self.shape
 
     # -- feeding ------------------------------------------------------------------------------
 
@@ -366,7 +366,7 @@ class CounterShaper:
         points, nominal, changed = shape_quantum(start_s, end_s, delta_j, pieces, self._gain())
         for t, e in points:
             self._emit(t, start_j + e)
-        if self.engaged and nominal > 0 and delta_j > 0:
+        if (self.engaged or self._streak >= 10) and nominal > 0 and delta_j > 0:  # placed right: a calibration
             self._gain_hist.append((delta_j, nominal, changed))
         self._trim(end_s)
 
