@@ -131,11 +131,15 @@ class EnergySession:
 
         if not self._choices:
             self._select_sources()
-        if self.rank == 0 and self.sink is None:
-            sink.start()
-            self.sink = sink
         meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.options.sample_interval_s)
-        domains = meter.start()
+        domains = meter.start()  # before the sink starts its delivery process: measure from the first hook
+        if self.rank == 0 and self.sink is None:
+            try:
+                sink.start()
+            except BaseException:
+                meter.close()
+                raise
+            self.sink = sink
         self._meter, self._drained_j = meter, {}
         kinds = {self._prefix + d.name: d.kind for d in domains}
         if self.ledger is None:
