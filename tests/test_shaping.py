@@ -230,3 +230,12 @@ def test_nvml_source_shapes_a_slow_counter_end_to_end(monkeypatch) -> None:
     assert all(f == pytest.approx(150.0 * 0.025, abs=2e-3) for f in fast)  # mJ integers
     # the run total: the counter's delta since start, plus the instant-power tail after its last update
     assert trace.values_j[-1][0] == pytest.approx(fake.true_energy_j(0, t_start, t_end), rel=0.03)
+
+
+def test_a_back_to_back_identical_read_is_no_evidence_of_a_slow_counter() -> None:
+    shaper = CounterShaper(0.0, 0.0, 100.0)
+    shaper.add(0.0003, 0.0, 100.0)  # read again at once (the meter's first sample right after start)
+    for i in range(1, 40):
+        shaper.add(0.02 * i, 2.0 * i, 100.0)
+    assert not shaper.engaged
+    assert shaper.value_at(0.5) == pytest.approx(50.0)  # no lag correction for a fast counter

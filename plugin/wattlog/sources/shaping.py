@@ -41,6 +41,7 @@ _SAME_POWER_REL = 1e-3  # two power readings within this relative difference are
 _ENGAGE_AFTER = 1  # shaping engages once the counter moved, held still over a read, and moved again...
 _DISENGAGE_AFTER = 100  # ...and disengages after this many reads in a row that each saw a change
 _MIN_PERIOD_READS = 1.2  # shaping needs a counter period of at least this many read intervals
+_BACK_TO_BACK_S = 0.002  # an identical reading this soon (or under half the usual interval) is no hold
 _HOLD_S = 0.25  # not engaged: identical readings are held back this long before they count as flat
 _STALL_PERIODS, _STALL_MIN_S = 4.0, 0.5  # engaged: no change for max(4 periods, 0.5 s) is flat to now
 
@@ -219,6 +220,7 @@ class CounterShaper:
     def __init__(self, start_s: float, energy_j: float = 0.0, power_w: float | None = None,
                  shape: bool = True) -> None:
         self.shape = shape
+        self.wants_power = shape  # reads should carry instant power: every counter is shaped
         self.engaged = False
         self.period_s: float | None = None
         self.times_s: list[float] = [start_s]
@@ -235,11 +237,6 @@ class CounterShaper:
         self._last_change_s = start_s
         self._gain_hist: deque[tuple[float, float, bool]] = deque(maxlen=_GAIN_QUANTA)
 
-    @property
-    def wants_power(self) -> bool:
-        """True when reads should carry instant power (a counter source: fast counters are shaped too)."""
-        return self.shape
-
     # -- feeding ------------------------------------------------------------------------------
 
     def add(self, time_s: float, energy_j: float, power_w: float | None = None) -> None:
@@ -249,7 +246,9 @@ class CounterShaper:
             return
         self._reads.append((time_s, energy_j, power_w))
         dt = time_s - prev_s
-        self._read_dt = dt if self._read_dt is None else 0.9 * self._read_dt + 0.1 * dt
+        back_to_back = dt < _BACK_TO_BACK_S or (self._read_dt is not None and dt < 0.5 * self._read_dt)
+        if not back_to_back:
+            self._read_dt = dt if self._read_dt is None else 0.9 * self._read_dt + 0.1 * dt
         if not self.shape:
             self._counter_j = energy_j
             self._emit(time_s, energy_j)
@@ -279,6 +278,8 @@ class CounterShaper:
             end_s = max(time_s - self._lag_s, (self.times_s[-1] + time_s) / 2)
             self._close_quantum(None if self.engaged else end_s)
             return
+        if back_to_back:
+            return  # too soon after the last read for a fast counter to have moved: no evidence either way
         self._held += 1
         limit_s = max(_STALL_PERIODS * (self.period_s or 0.0), _STALL_MIN_S) if self.engaged else _HOLD_S
         if time_s - self.final_s > limit_s:
@@ -341,7 +342,6 @@ class CounterShaper:
 
     def _first_power(self) -> float | None:
         return next((w for _, _, w in self._reads if w is not None), None)
-
     def _gain(self) -> float | None:
         flat = [(e, w) for e, w, changed in self._gain_hist if not changed and w > 0]
         use = flat if flat else [(e, w) for e, w, _ in self._gain_hist if w > 0]
