@@ -30,6 +30,7 @@ class ChartJob:
         self._dir = tempfile.mkdtemp(prefix="wattlog-chart-")
         self._path: Any = None
         self._error: BaseException | None = None
+        rows = [dict(r) for r in rows]  # the trace goes on changing in the next stage
         self._thread = threading.Thread(target=self._run, args=(rows, estimated), name="wattlog-chart", daemon=True)
         self._thread.start()
 
