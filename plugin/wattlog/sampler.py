@@ -8,11 +8,15 @@ interpolates at those boundaries.
 from __future__ import annotations
 
 import bisect
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from wattlog.sources.base import Domain, EnergySource
+
+_DITHER = 0.25
+"""Relative jitter of the sampler's cadence (uniform, zero mean)."""
 
 
 class Trace:
@@ -121,7 +125,8 @@ class Sampler:
         """Read every live source once (on the calling thread); ``final`` forces slow sources to update.
 
         A reading no newer than the trace's last one (a source that updates on its own, slower
-        cadence) carries no news and is skipped.
+        cadence) carries no news and is skipped (its notes still count). A reading with ``history``
+        (earlier final points, e.g. a shaped slow counter) gets those appended first.
         """
         for i, (source, trace) in enumerate(zip(self._sources, self._traces)):
             if trace.dead_reason is not None:
@@ -136,21 +141,29 @@ class Sampler:
                 trace.dead_reason = f"{type(exc).__name__}: {exc}"
                 self._on_failure(i, exc)
                 continue
-            last_s = trace.last_time_s()
-            if last_s is not None and reading.time_s <= last_s:
-                continue
-            if not trace.append(reading.time_s, reading.energy_j):
+            monotonic = True
+            for time_s, energy_j in (*getattr(reading, "history", ()), (reading.time_s, reading.energy_j)):
+                last_s = trace.last_time_s()
+                if last_s is None or time_s > last_s:
+                    monotonic = trace.append(time_s, energy_j) and monotonic
+            if not monotonic:
                 self._on_note(f"{type(source).__name__}: cumulative energy went backwards; held")
             for note in reading.notes:
                 self._on_note(note)
 
     def _run(self) -> None:
+        # While a source asks for it (a slow counter being shaped), the cadence is dithered by +-25 % (same
+        # mean): reads then land at varying phases of the counter's updates, which is what narrows down when
+        # it updates (sources/shaping.py). Otherwise the cadence is regular: a counter about as fast as the
+        # reads is then read at a steady phase, so its slope between reads stays right.
+        dither = random.Random()
         next_s = time.perf_counter()
         while not self._stop.is_set():
             t_cpu = time.thread_time()
             self.sample_once()
             self.cpu_time_s += time.thread_time() - t_cpu
-            next_s += self._interval_s
+            jitter = _DITHER if any(getattr(s, "wants_dither", False) for s in self._sources) else 0.0
+            next_s += self._interval_s * (1.0 + jitter * dither.uniform(-1.0, 1.0))
             delay_s = next_s - time.perf_counter()
             if delay_s < 0:  # fell behind (slow source or busy interpreter): don't burst
                 next_s = time.perf_counter()

@@ -118,6 +118,7 @@ class EnergySession:
         self._params_logged = False
         self._drained_at_s = 0.0
         self._closed = False
+        self._chart: Any = None  # the stage's power.png, drawn off the training thread (wattlog.artifacts)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -139,11 +140,15 @@ class EnergySession:
 
         if not self._choices:
             self._select_sources()
-        if self.rank == 0 and self.sink is None:
-            sink.start()
-            self.sink = sink
         meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.options.sample_interval_s)
-        domains = meter.start()
+        domains = meter.start()  # before the sink starts its delivery process: measure from the first hook
+        if self.rank == 0 and self.sink is None:
+            try:
+                sink.start()
+            except BaseException:
+                meter.close()
+                raise
+            self.sink = sink
         self._meter, self._drained_j = meter, {}
         kinds = {self._prefix + d.name: d.kind for d in domains}
         if self.ledger is None:
@@ -178,11 +183,14 @@ class EnergySession:
         try:
             self.stop(collective=False)
         finally:
-            if self.ledger is not None:
-                self.ledger.trace.suspend()
-            sink, self.sink = self.sink, None
-            if sink is not None:
-                sink.close(self.options.delivery_timeout_s)
+            try:
+                self._collect_chart()
+            finally:
+                if self.ledger is not None:
+                    self.ledger.trace.suspend()
+                sink, self.sink = self.sink, None
+                if sink is not None:
+                    sink.close(self.options.delivery_timeout_s)
 
     def close(self) -> None:
         """Suspend and release everything (the trace file is deleted); idempotent."""
@@ -461,15 +469,27 @@ class EnergySession:
             trace_path = os.path.join(tmp, keys.TRACE_CSV)
             self.ledger.trace.write_csv(trace_path)
             self.sink.log_artifact(trace_path, keys.ARTIFACT_DIR)
-            try:
-                from wattlog.plots import plot_power_trace
+        from wattlog.artifacts import ChartJob
 
-                estimated = ",".join(c.kind for c in self._choices if c.estimated) or None
-                png = plot_power_trace(self.ledger.trace.plot_rows(), os.path.join(tmp, keys.POWER_PNG),
-                                       estimated=estimated)
-                self.sink.log_artifact(str(png), keys.ARTIFACT_DIR)
-            except Exception as exc:  # noqa: BLE001 - a chart must not fail the run (matplotlib missing or broken)
+        estimated = ",".join(c.kind for c in self._choices if c.estimated) or None
+        self._chart = ChartJob(self.ledger.trace.plot_rows(), estimated)  # collected when the sink closes
+
+    def _collect_chart(self) -> None:
+        """The stage's power.png into the sink before it closes; a failed chart degrades (and is tagged)."""
+        chart, self._chart = self._chart, None
+        if chart is None:
+            return
+        try:
+            path, exc = chart.collect(self.options.delivery_timeout_s)
+            if self.sink is None:
+                return
+            if exc is None:
+                self.sink.log_artifact(path, keys.ARTIFACT_DIR)
+            else:  # a chart must not fail the run (matplotlib missing or broken)
                 self._degrade(f"power.png skipped: {type(exc).__name__}: {exc}", exc)
+                self.sink.set_tags(self._tags())
+        finally:
+            chart.cleanup()
 
     def _note_meter(self, meter: Any) -> None:
         for reason in meter.degraded:

@@ -202,6 +202,10 @@ class FakeGpu:
         mig_capable: ``nvmlDeviceGetMigMode`` supported (Ampere+); forced True when ``mig``.
         counter_offset_mj: counter value at fake start (real counters count since driver load).
         instant_value_type: ``valueType`` of the field value (1: uiVal mW, 0: dVal mW).
+        counter_period_s: the energy counter updates only every this many seconds (0: at every read),
+            at fake times ``counter_phase_s + k * counter_period_s``; each update holds the exact integral.
+        instant_period_s: the instant-power field holds the power sampled at its last update, every this
+            many seconds (0: the power now), at fake times ``instant_phase_s + k * instant_period_s``.
     """
 
     name: str = "NVIDIA A100-SXM4-40GB"
@@ -217,6 +221,42 @@ class FakeGpu:
     instant_value_type: int = NVML_VALUE_TYPE_UNSIGNED_INT
     faults: FakeFaults = field(default_factory=FakeFaults)
     mig_uuids: list[str] = field(default_factory=list)
+    counter_period_s: float = 0.0
+    counter_phase_s: float = 0.0
+    instant_period_s: float = 0.0
+    instant_phase_s: float = 0.0
+
+
+def _last_update(t: float, period_s: float, phase_s: float) -> float:
+    """The latest update time ``phase_s + k * period_s`` at or before ``t`` (``t`` itself for period 0)."""
+    if period_s <= 0:
+        return t
+    return phase_s + math.floor((t - phase_s) / period_s + 1e-9) * period_s
+
+
+class SquareWave:
+    """Power alternating between ``low_w`` and ``high_w``: high for ``duty`` of each ``period_s``.
+
+    Callable (watts at fake time t) and with an exact :meth:`integral`, which the fake uses instead of
+    numerical integration (a jump inside a Simpson panel would blur the ground truth).
+    """
+
+    def __init__(self, low_w: float = 100.0, high_w: float = 400.0, period_s: float = 1.0, duty: float = 0.5,
+                 phase_s: float = 0.0) -> None:
+        self.low_w, self.high_w, self.period_s, self.duty, self.phase_s = low_w, high_w, period_s, duty, phase_s
+
+    def __call__(self, t: float) -> float:
+        return self.high_w if ((t - self.phase_s) % self.period_s) < self.duty * self.period_s else self.low_w
+
+    def _cumulative(self, t: float) -> float:
+        n, r = divmod(t - self.phase_s, self.period_s)
+        hi = self.duty * self.period_s
+        per_period = self.high_w * hi + self.low_w * (self.period_s - hi)
+        return n * per_period + self.high_w * min(r, hi) + self.low_w * max(0.0, r - hi)
+
+    def integral(self, t0: float, t1: float) -> float:
+        """Exact joules over ``[t0, t1]``."""
+        return self._cumulative(t1) - self._cumulative(t0)
 
 
 class FakeHandle:
@@ -249,6 +289,9 @@ def _integral_j(power_w: float | Callable[[float], float], t0: float, t1: float)
         return 0.0
     if not callable(power_w):
         return float(power_w) * (t1 - t0)
+    exact = getattr(power_w, "integral", None)
+    if exact is not None:
+        return float(exact(t0, t1))
     n = max(2, math.ceil((t1 - t0) / _STEP_S))
     n += n % 2
     h = (t1 - t0) / n
@@ -328,6 +371,13 @@ class FakeNvml:
         gpu = self.gpus[gpu_index]
         t = self.elapsed_s()
         return float(gpu.power_w(t)) if callable(gpu.power_w) else float(gpu.power_w)
+
+    def instant_w(self, gpu_index: int) -> float:
+        """What the instant-power field reads now: the power at its last update."""
+        gpu = self.gpus[gpu_index]
+        if not callable(gpu.power_w):
+            return float(gpu.power_w)
+        return float(gpu.power_w(_last_update(self.elapsed_s(), gpu.instant_period_s, gpu.instant_phase_s)))
 
     # ------------------------------------------------------------ internals
 
@@ -466,7 +516,7 @@ class FakeNvml:
         i, gpu = self._gpu(handle, data=True)
         if not gpu.has_counter or handle.mig is not None:
             raise NVMLError(ERR_NOT_SUPPORTED)
-        return self.counter_mj(i, self.elapsed_s())
+        return self.counter_mj(i, _last_update(self.elapsed_s(), gpu.counter_period_s, gpu.counter_phase_s))
 
     def _nvmlDeviceGetFieldValues(self, handle: FakeHandle, fieldIds: list[Any]) -> Any:  # noqa: N803
         i, gpu = self._gpu(handle, data=True)
@@ -483,7 +533,7 @@ class FakeNvml:
             if not supported:
                 values[k].nvmlReturn = ERR_NOT_SUPPORTED
                 continue
-            power_mw = self.power_now_w(i) * 1e3
+            power_mw = self.instant_w(i) * 1e3
             values[k].nvmlReturn = NVML_SUCCESS
             values[k].valueType = gpu.instant_value_type
             if gpu.instant_value_type == NVML_VALUE_TYPE_DOUBLE:

@@ -27,6 +27,7 @@ from typing import Any
 
 from wattlog.errors import ConfigError, SourceError, SourceUnavailable, WattlogWarning
 from wattlog.sources.base import Domain, EnergySource, PowerIntegrator, Reading
+from wattlog.sources.shaping import CounterShaper, ShapedReading, merge_curves
 
 _NVML_SUCCESS = 0
 _NVML_ERROR_GPU_IS_LOST = 15
@@ -277,7 +278,7 @@ class _Device:
         "index", "name", "uuid", "handle", "method", "power_limit_w", "cap_w", "mig_enabled",
         "start_raw_mj", "last_raw_mj", "energy_j", "window_start_s", "last_read_s", "integrator",
         "domain", "reset_note", "cap_note", "dead", "fail_since_s", "last_change_s", "rate_w",
-        "has_instant", "stuck_checked",
+        "has_instant", "stuck_checked", "shaper",
     )
 
     def __init__(self, index: int, handle: Any) -> None:
@@ -304,6 +305,7 @@ class _Device:
         self.window_start_s = 0.0
         self.last_read_s = 0.0
         self.integrator = PowerIntegrator()
+        self.shaper = CounterShaper(0.0, shape=False)
 
 
 class NvmlGpu(EnergySource):
@@ -347,6 +349,7 @@ class NvmlGpu(EnergySource):
         self._field_ids: list[int] = []
         self._nvml_error: type[BaseException] = Exception
         self._unknown_error: type[BaseException] = Exception
+        self._emitted: tuple[float, dict[str, float]] = (float("-inf"), {})
 
     # ------------------------------------------------------------------ start / close
 
@@ -437,11 +440,14 @@ class NvmlGpu(EnergySource):
         dev.window_start_s = now_s
         dev.last_change_s = now_s
         dev.integrator = PowerIntegrator()
+        self._emitted = (float("-inf"), {})
         if dev.method == "counter":
             raw = self._call_counter(dev)
             dev.start_raw_mj = dev.last_raw_mj = raw
         else:
             dev.integrator.add(now_s, self._call_power_w(dev))
+        # A counter slower than the sampler gets each delta shaped by instant power (sources/shaping.py).
+        dev.shaper = CounterShaper(now_s, 0.0, shape=dev.method == "counter")
 
     def domains(self) -> list[Domain]:
         """The domains of the started devices: ``gpu{nvml_index}``."""
@@ -585,14 +591,47 @@ class NvmlGpu(EnergySource):
                 notes = (note,)
         return now_s, notes
 
-    def read(self) -> Reading:
+    @property
+    def wants_dither(self) -> bool:
+        """True while a slow counter is shaped: the sampler then dithers its cadence (see sampler.py)."""
+        return any(d.shaper.engaged for d in self._devices)
+
+    def read_final(self) -> Reading:
+        """The last reading: every device's curve is made final up to now (see :meth:`read`)."""
+        return self.read(final=True)
+
+    def _instant_or_none(self, dev: _Device) -> float | None:
+        """Instant power in W for shaping a slow counter, or None (unsupported or failed: never raises)."""
+        if not dev.has_instant or not dev.shaper.wants_power:
+            return None
+        try:
+            return self._power_mw_once(dev, True) / 1e3
+        except self._nvml_error:
+            return None
+
+    def _shaped(self, now_s: float, final: bool) -> Reading | None:
+        """The newly final points of every device's curve, as one reading (None: nothing new)."""
+        for dev in self._devices:
+            if final or dev.dead is not None:
+                dev.shaper.flush(now_s, tail=dev.dead is None)
+        points = merge_curves([d.shaper for d in self._devices], self._emitted[0])
+        if not points:
+            return None
+        named = [(t, {d.domain: v for d, v in zip(self._devices, values)}) for t, values in points]
+        self._emitted = named[-1]
+        return ShapedReading(time_s=named[-1][0], energy_j=named[-1][1], history=tuple(named[:-1]))
+
+    def read(self, final: bool = False) -> Reading:
         """Cumulative joules per GPU since ``start()``; never decreasing.
 
         Per device: a counter that goes backwards to a small value is a reset; any other
         backwards or implausible forward jump (above the power limit x1.2) is replaced by an
         estimate (instant power, else recent mean power, x elapsed time); a lost GPU stops
         accruing while the others go on. Each adds a note to the reading (the meter turns it
-        into an ``energy.degraded`` reason).
+        into an ``energy.degraded`` reason). A counter seen to update more slowly than the reads is
+        shaped by instant power (:mod:`wattlog.sources.shaping`): the reading then lags by up to one
+        counter period and carries the shaped points since the last one in ``history``; ``final``
+        (:meth:`read_final`) makes every curve final up to now.
 
         Raises:
             SourceError: every device is lost. With ``transient = True`` (and ``notes``): a read
@@ -604,6 +643,7 @@ class NvmlGpu(EnergySource):
         notes: tuple[str, ...] = ()
         failed: list[str] = []
         energy_j: dict[str, float] = {}
+        fed: list[tuple[_Device, float | None]] = []
         now_s = 0.0
         for dev in self._devices:
             if dev.dead is None:
@@ -619,6 +659,7 @@ class NvmlGpu(EnergySource):
                 else:
                     dev.fail_since_s = None
                     dev.last_read_s = now_s
+                    fed.append((dev, self._instant_or_none(dev)))
                 notes += dev_notes
             energy_j[dev.domain] = dev.energy_j
         if self._devices and all(d.dead is not None for d in self._devices):
@@ -628,7 +669,14 @@ class NvmlGpu(EnergySource):
             error.transient = True  # type: ignore[attr-defined]
             error.notes = (*notes, *failed)  # type: ignore[attr-defined]
             raise error
-        return Reading(time_s=now_s if self._devices else self.now_s(), energy_j=energy_j, notes=notes)
+        if not self._devices:
+            return Reading(time_s=self.now_s(), energy_j=energy_j, notes=notes)
+        for dev, power_w in fed:  # one time per pass, so every device's curve has a point at it
+            dev.shaper.add(now_s, dev.energy_j, power_w)
+        shaped = self._shaped(now_s, final)
+        if shaped is None:  # nothing final yet (a slow counter between updates): the last final point again
+            return Reading(time_s=self._emitted[0], energy_j=dict(self._emitted[1]), notes=notes)
+        return ShapedReading(time_s=shaped.time_s, energy_j=shaped.energy_j, notes=notes, history=shaped.history)
 
     # ------------------------------------------------------------------ provenance
 
