@@ -41,3 +41,17 @@ def _reset_mlflow_tracking_uri():
         mlflow.set_tracking_uri(before)
     if before is not None:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+GPU_POWER_W = 400.0
+"""The constant power of the shared ``gpu`` fixture's one fake GPU."""
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """One simulated NVML GPU at ``GPU_POWER_W`` under a fake ``pynvml`` module."""
+    from fakes.nvml import FakeGpu, FakeNvml
+
+    fake = FakeNvml([FakeGpu(power_w=GPU_POWER_W)])
+    fake.install(monkeypatch)
+    return fake

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from fakes.nvml import FakeGpu, FakeNvml
 
 from wattlog import keys
 from wattlog.ledger import StepLabel
@@ -14,14 +13,7 @@ from wattlog.options import MonitorOptions
 from wattlog.session import EnergySession
 from wattlog.sinks.base import MemorySink
 
-POWER_W = 400.0
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    fake = FakeNvml([FakeGpu(power_w=POWER_W)])
-    fake.install(monkeypatch)
-    return fake
+from conftest import GPU_POWER_W as POWER_W  # the shared `gpu` fixture's fake GPU
 
 
 def _session(log_every: int = 1, **options) -> tuple[EnergySession, MemorySink]:
@@ -36,7 +28,7 @@ def _steps(sink: MemorySink, key: str) -> list[int]:
     return [s for s, _v in sink.history(key)]
 
 
-def test_accumulated_micro_batches_are_one_step_with_their_energy(fake_gpu):
+def test_accumulated_micro_batches_are_one_step_with_their_energy(gpu):
     session, sink = _session()
     starts = []
     for step in range(5):
@@ -59,7 +51,7 @@ def test_accumulated_micro_batches_are_one_step_with_their_energy(fake_gpu):
     assert last[keys.stage_j_per_sample("train")] == pytest.approx(last[keys.stage_j("train")] / (5 * 4 * 8))
 
 
-def test_drain_from_another_thread_sees_no_partial_step(fake_gpu):
+def test_drain_from_another_thread_sees_no_partial_step(gpu):
     """A background drain racing the training thread gets complete, numbered records only."""
     session, sink = _session()
     stop = threading.Event()
@@ -94,7 +86,7 @@ def test_drain_from_another_thread_sees_no_partial_step(fake_gpu):
         assert step_j == pytest.approx(POWER_W * (t1 - t0), rel=0.10), step
 
 
-def test_stage_summaries_once_per_stage_and_cumulative_keys_never_decrease(fake_gpu):
+def test_stage_summaries_once_per_stage_and_cumulative_keys_never_decrease(gpu):
     session, sink = _session(log_every=2)
     for step in range(6):
         session.mark(StepLabel("train", None, 4))
@@ -136,7 +128,7 @@ def test_stage_summaries_once_per_stage_and_cumulative_keys_never_decrease(fake_
         test_points[keys.stage_j("test")].value / 6)
 
 
-def test_state_dict_resume_and_checkpoint_provenance(fake_gpu):
+def test_state_dict_resume_and_checkpoint_provenance(gpu):
     session, sink = _session()
     for step in range(3):
         session.mark(StepLabel("train", None, 1))
@@ -167,7 +159,7 @@ def test_state_dict_resume_and_checkpoint_provenance(fake_gpu):
     assert float(sink3.params[keys.P_CHECKPOINT_TRAIN_J]) > 0
 
 
-def test_close_leaves_no_thread(fake_gpu):
+def test_close_leaves_no_thread(gpu):
     before = {t.name for t in threading.enumerate()}
     session, _sink = _session()
     assert any(t.name == "wattlog-sampler" for t in threading.enumerate())
@@ -182,7 +174,7 @@ def _busy(seconds: float) -> None:
         pass
 
 
-def test_short_run_is_tagged_with_its_reason_and_untagged_when_it_grows(fake_gpu):
+def test_short_run_is_tagged_with_its_reason_and_untagged_when_it_grows(gpu):
     opts = MonitorOptions.from_kwargs(gpus=[0], cpu="estimate", ram="none")
     session = EnergySession(opts, gpus=[0])
     sink = MemorySink()
@@ -202,7 +194,7 @@ def test_short_run_is_tagged_with_its_reason_and_untagged_when_it_grows(fake_gpu
     assert sink2.tags[keys.T_SHORT_RUN] == "no"  # the run is long enough now: the earlier tag is overwritten
 
 
-def test_measured_only_run_is_never_short(fake_gpu):
+def test_measured_only_run_is_never_short(gpu):
     session, sink = _session()
     session.mark(StepLabel("test", 0, 4))
     time.sleep(0.05)

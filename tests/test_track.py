@@ -5,20 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from fakes.nvml import FakeGpu, FakeNvml
 
 import wattlog
 from wattlog.errors import ConfigError, NoRunError
 
-POWER_W = 400.0
+from conftest import GPU_POWER_W as POWER_W  # the shared `gpu` fixture's fake GPU
 OPTS = {"gpus": [0], "cpu": "none", "ram": "none", "artifacts": False}
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    fake = FakeNvml([FakeGpu(power_w=POWER_W)])
-    fake.install(monkeypatch)
-    return fake
 
 
 @pytest.fixture

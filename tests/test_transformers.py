@@ -9,17 +9,9 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from fakes.nvml import FakeGpu, FakeNvml  # noqa: E402
 from hf_helpers import TokenDataset, energy_history, tiny_bert, training_args  # noqa: E402
 
-POWER_W = 400.0
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    fake = FakeNvml([FakeGpu(power_w=POWER_W)])
-    fake.install(monkeypatch)
-    return fake
+from conftest import GPU_POWER_W as POWER_W  # noqa: E402 - the shared `gpu` fixture's fake GPU
 
 
 @pytest.fixture
