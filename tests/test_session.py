@@ -225,3 +225,17 @@ def test_trace_chart_bins_never_mix_stages():
     assert stages.count("val") == 10  # each validation run is its own bin, never merged into train
     trace.close()
     trace2.close()
+
+
+def test_loops_that_count_from_one_log_where_their_own_metrics_are(gpu):
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none")
+    session = EnergySession(opts, gpus=[0], log_every_n_steps=5, first_step=1)  # Hugging Face's global_step
+    sink = MemorySink()
+    session.open(sink)
+    for step in range(1, 11):
+        session.mark(StepLabel("train", None, 4))
+        time.sleep(0.005)
+        session.step_completed(step)
+    session.end_stage(step=10)
+    session.close()
+    assert _steps(sink, keys.STEP_J) == [5, 10]  # where the Trainer logs loss with logging_steps=5

@@ -23,7 +23,8 @@ Logged keys (see :mod:`wattlog.keys`): per train step ``energy/step_j``, ``energ
 ``energy/trace.csv`` and ``energy/power.png``.
 
 Steps: a per-step point is logged at the step given to :meth:`step_completed` when
-``(step + 1) % log_every_n_steps == 0`` (Lightning's rule). A summary key is logged at the step
+``(step - first_step + 1) % log_every_n_steps == 0`` (Lightning's rule for its 0-based steps;
+``first_step=1`` for loops that count from 1, such as Hugging Face's ``global_step``). A summary key is logged at the step
 given to :meth:`end_stage`, or, when that key already has a point at or after it, at the next free
 step: so every (key, step) has exactly one point and every key's steps increase.
 """
@@ -72,6 +73,7 @@ class EnergySession:
         gpus: the GPUs to measure (``"auto"``, ``"none"`` or CUDA indices), as the adapter resolved them.
         host: measure CPU and RAM here (local rank 0 only, so a node is counted once).
         log_every_n_steps: per-step points every n steps.
+        first_step: the number of the loop's first step (0 for Lightning, 1 for Hugging Face).
         collectives: for DDP; None in a single process.
         link_tags: tags set on the run when it is first opened (e.g. the links into a Hydra sweep).
         on_degrade: called with every degradation reason (after the policy's warning).
@@ -85,6 +87,7 @@ class EnergySession:
         gpus: str | Sequence[int] = "auto",
         host: bool = True,
         log_every_n_steps: int = 1,
+        first_step: int = 0,
         collectives: Collectives | None = None,
         link_tags: dict[str, str] | None = None,
         on_degrade: Callable[[str], None] | None = None,
@@ -96,6 +99,7 @@ class EnergySession:
         self.gpus = gpus
         self.host = host
         self.log_every = max(1, int(log_every_n_steps))
+        self.first_step = int(first_step)
         self.collectives = collectives
         self.rank = collectives.rank if collectives else 0
         self.world_size = collectives.world_size if collectives else 1
@@ -216,7 +220,7 @@ class EnergySession:
             self._meter.mark(StepEnd(step), time_s)
 
     def is_log_step(self, step: int) -> bool:
-        return (step + 1) % self.log_every == 0
+        return (step - self.first_step + 1) % self.log_every == 0
 
     def log_step(self) -> None:
         """At a logging boundary: drain, batched to every ``DRAIN_INTERVAL_S`` in a single process.

@@ -94,12 +94,13 @@ class LoopEnergy:
         root_dir: parent of the local ``energy/`` folder (no MLflow run) and of the default spool.
         run_id, tracking_uri: an explicit MLflow run; default the active run.
         drain_every: under DDP, drain (a collective) when ``step % drain_every == 0``.
+        first_step: the number of the loop's first step (1 for Hugging Face's ``global_step``).
         who, hint: for the "no MLflow run" warning and error.
     """
 
     def __init__(self, options: MonitorOptions, placement: Placement, *, root_dir: str | None = None,
                  run_id: str | None = None, tracking_uri: str | None = None, drain_every: int = DDP_DRAIN_EVERY,
-                 who: str = "wattlog", hint: str = "start one with mlflow.start_run()") -> None:
+                 who: str = "wattlog", hint: str = "start one with mlflow.start_run()", first_step: int = 0) -> None:
         self.options = options
         self.placement = placement
         self.root_dir = root_dir
@@ -107,6 +108,7 @@ class LoopEnergy:
         self.target: runs.RunTarget | None = None
         self._run_id, self._tracking_uri = run_id, tracking_uri
         self.drain_every = max(1, int(drain_every))
+        self.first_step = int(first_step)
         self._who, self._hint = who, hint
         self._cuda_marks: Any = None
         self._warned_no_run = False
@@ -218,7 +220,8 @@ class LoopEnergy:
 
         self.target = target
         self.session = EnergySession(self.options, gpus=self._gpus(), host=p.local_rank == 0,
-                                     log_every_n_steps=self.options.log_every_n_steps or 1, collectives=collectives,
+                                     log_every_n_steps=self.options.log_every_n_steps or 1, first_step=self.first_step,
+                                     collectives=collectives,
                                      link_tags=sweep_link_tags() if p.rank == 0 else None)
 
     def _gpus(self) -> Any:

@@ -6,9 +6,9 @@ else a local ``energy/`` folder under ``output_dir`` (one warning; an error with
 or ``WATTLOG_STRICT=1``). Logged keys, the same as :class:`wattlog.EnergyMonitor`'s:
 
 - per optimizer step (all its gradient-accumulation micro-batches), at ``state.global_step`` (the step
-  at which the Trainer logs ``loss``), every ``log_every_n_steps`` (default 1, Lightning's rule
-  ``(step + 1) % n == 0``): ``energy/step_j``, ``energy/power_w``, ``energy/total_j``,
-  ``energy/emissions_g``, with a GPU ``energy/gpu_power_w`` (``energy/gpu{i}_power_w`` with ``per_device``);
+  at which the Trainer logs ``loss``), every ``log_every_n_steps`` (default 1; the Trainer's own rule
+  ``global_step % n == 0``, so with ``n = logging_steps`` energy and ``loss`` share their steps):
+  ``energy/step_j``, ``energy/power_w``, ``energy/total_j``, ``energy/emissions_g``, with a GPU ``energy/gpu_power_w`` (``energy/gpu{i}_power_w`` with ``per_device``);
 - at the end of ``train()`` and of a standalone ``evaluate()``/``predict()``, at ``state.global_step``
   (or the key's next free step): ``energy/{gpu,cpu,ram}_j``, ``energy/{train,val,predict}_j``,
   ``energy/j_per_sample``, ``energy/{val,predict}_j_per_sample``, ``energy/avg_power_w``,
@@ -122,7 +122,7 @@ class EnergyCallback(TrainerCallback):
             placement = Placement(int(args.process_index), int(args.world_size), int(args.local_process_index),
                                   args.device)
             self._loop = LoopEnergy(self.options, placement, root_dir=args.output_dir, who="EnergyCallback",
-                                    hint=NO_RUN_HINT)
+                                    hint=NO_RUN_HINT, first_step=1)  # global_step counts from 1
             weakref.finalize(self, self._loop.close)  # no exception hook in transformers: close when dropped
         self._loop.drain_every = max(1, int(getattr(state, "logging_steps", 0) or args.logging_steps or 50))
         return self._loop
