@@ -38,6 +38,9 @@ import tempfile
 import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import spread  # noqa: E402 - median [min, max], as in every bench table
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 HOOKS = ("on_train_batch_start", "on_train_batch_end")
@@ -184,15 +187,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    if not values:
-        return "—"
-    med = statistics.median(values)
-    if len(values) == 1:
-        return fmt.format(med)
-    return f"{fmt.format(med)} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def load() -> str:
