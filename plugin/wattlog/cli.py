@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered (each module imports lazily)."""
-    from wattlog import __version__, compare, devices, measure, report
+    from wattlog import __version__, compare_cli, devices, measure, report
     from wattlog.sinks import mlflow as mlflow_sink
 
     parser = _Parser(prog="wattlog", description="Energy of ML training, logged into MLflow.")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     devices.register_cli(sub)
     measure.register_cli(sub)
-    compare.register_cli(sub)
+    compare_cli.register_cli(sub)
     report.register_cli(sub)
     mlflow_sink.register_cli(sub)
     return parser

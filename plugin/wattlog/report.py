@@ -187,7 +187,9 @@ def _sweep_report(
     client: MlflowClient, run: Any, out: Path, metric: str | None, uri: str | None, log: bool, unit: str
 ) -> Report:
     """A sweep parent: the children's compare table and Pareto chart."""
-    from wattlog.compare import compare_runs, group_runs, print_table, sort_frame
+    from wattlog.compare import compare_runs, group_runs
+    from wattlog.compare_cli import sort_frame
+    from wattlog.compare_table import print_table
 
     run_id = run.info.run_id
     params = run.data.params
@@ -423,7 +425,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def cli_report(args: argparse.Namespace) -> int:
     """``wattlog report``: writes the files, prints the summary and the paths."""
-    from wattlog.compare import probe_tracking, resolve_tracking_uri, run_cli
+    from wattlog.compare_cli import probe_tracking, resolve_tracking_uri, run_cli
 
     uri = resolve_tracking_uri(args.tracking_uri)
 
