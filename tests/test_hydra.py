@@ -410,3 +410,30 @@ def test_every_packaged_preset_instantiates_with_plain_hydra(composer, preset):
     monitor = instantiate(cfg.energy)
     assert type(monitor).__name__ == "EnergyMonitor"
     assert monitor.options.enabled is (preset != "off")
+
+
+def test_sweep_parent_experiment_created_by_another_sweep_meanwhile_is_reused() -> None:
+    """Two sweeps starting at once: the second's create_experiment fails on the unique name; it reuses the first's."""
+    from types import SimpleNamespace
+
+    from wattlog.integrations.hydra_sweep import _experiment_id
+
+    class RacingClient:
+        def __init__(self) -> None:
+            self.created: SimpleNamespace | None = None
+
+        def get_experiment_by_name(self, name: str) -> SimpleNamespace | None:
+            return self.created
+
+        def create_experiment(self, name: str) -> str:
+            self.created = SimpleNamespace(experiment_id="7")  # the other sweep won
+            raise RuntimeError("UNIQUE constraint failed: experiments.name")
+
+    assert _experiment_id(RacingClient(), "bert") == "7"
+
+    class Broken(RacingClient):
+        def create_experiment(self, name: str) -> str:
+            raise RuntimeError("permission denied")
+
+    with pytest.raises(RuntimeError, match="permission denied"):
+        _experiment_id(Broken(), "bert")

@@ -239,7 +239,7 @@ def _wattlog_threads() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("wattlog"))
 
 
-def test_one_wattlog_thread_while_training_and_nothing_left_after_ten_fits(gpu, mlflow_uri, tmp_path):
+def test_two_wattlog_threads_while_training_and_nothing_left_after_ten_fits(gpu, mlflow_uri, tmp_path):
     import psutil
     from lightning.pytorch.callbacks import Callback
 
@@ -269,7 +269,8 @@ def test_one_wattlog_thread_while_training_and_nothing_left_after_ten_fits(gpu, 
         _trainer(tmp_path, [monitor, Probe()], _logger(mlflow_uri), max_steps=3,
                  enable_checkpointing=False).fit(module, loader(16))
     settle()
-    assert seen[0] == (["wattlog-sampler"], 1)  # one wattlog thread and the delivery process
+    # the sampler, the pump (started by the first logging boundary) and the delivery process
+    assert seen[0] == (["wattlog-pump", "wattlog-sampler"], 1)
     assert all(s == seen[0] for s in seen)
     assert len(threading.enumerate()) == threads0
     assert len(me.open_files()) == files0

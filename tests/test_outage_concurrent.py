@@ -56,6 +56,9 @@ def test_fifteen_second_kill_during_six_fits_every_point_once_without_sync(reque
         monkeypatch.delenv(var, raising=False)  # MLflow's defaults, as a user has them
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)  # production policy: warn, never raise
     server = backend_server("postgresql", request, tmp_path, template_db).start()
+    # A team's shared server already has its experiment. Six loggers creating it at once race inside
+    # Lightning's MLFlowLogger (get_experiment_by_name, then create_experiment): one fails on the unique name.
+    MlflowClient(server.uri).create_experiment("concurrent")
     script = Path(__file__).with_name("concurrent_fit.py")
     roots = [tmp_path / f"fit{i}" for i in range(N_FITS)]
     procs = []

@@ -6,7 +6,9 @@ It imports no torch, lightning, mlflow or hydra. The training thread calls:
 - :meth:`mark` when a batch starts and :meth:`step_completed` when an optimizer step ends: O(1)
   appends to the meter's boundary deque, in one ordered stream, so a drain at any time sees either
   no record for a step or a complete one;
-- :meth:`drain` at logging boundaries: resolved records become points, appended to the sink;
+- :meth:`log_step` at logging boundaries: the first starts the stage's :class:`~wattlog.pump.Pump`, which
+  drains resolved records into points and appends them to the sink off the training thread (under DDP it
+  also runs the collective that gathers every rank's records, so none runs on the training thread);
 - :meth:`end_stage` at the end of fit/validate/test/predict: stops measuring, logs the summary,
   params, tags and artifacts, and waits (bounded) for the sink to store them.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Sequence
@@ -47,7 +50,10 @@ from wattlog.sinks.spool import Point
 __all__ = ["Collectives", "EnergySession", "StepEnd", "StepLabel"]
 
 DRAIN_INTERVAL_S = 0.25
-"""Single process: the least time between two drains at logging boundaries."""
+"""The time between two rounds of the pump (drains; under DDP, gathers of every rank's records)."""
+
+PUMP_STOP_MARGIN_S = 5.0
+"""Under DDP, a stage end waits for the pump's last round up to the collective timeout plus this."""
 
 SHORT_RUN_RESOLUTIONS = 2
 """A run measured for less than this many of its coarsest source's resolution is tagged ``energy.short_run``
@@ -120,9 +126,10 @@ class EnergySession:
         self._last_value: dict[str, float] = {}
         self._degraded: list[str] = []
         self._params_logged = False
-        self._drained_at_s = 0.0
         self._closed = False
         self._chart: Any = None  # the stage's power.png, drawn off the training thread (wattlog.artifacts)
+        self._pump: Any = None  # the stage's wattlog.pump.Pump, started by the first log_step()
+        self._lock = threading.RLock()  # meter drains, aggregator, ledger and sink: pump vs training thread
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -178,9 +185,11 @@ class EnergySession:
         """Stop measuring: the final reading's records are accounted (and logged if due)."""
         if self._meter is None:
             return
+        collective = self._stop_pump(collective)
         meter, self._meter = self._meter, None
-        self._drain(meter.close(), collective=collective, final=True)
-        self._note_meter(meter)
+        with self._lock:
+            self._drain(meter.close(), collective=collective, final=True)
+            self._note_meter(meter)
 
     def suspend(self) -> None:
         """Between stages: stop measuring and close the stage's sink (bounded by ``delivery_timeout_s``)."""
@@ -223,16 +232,19 @@ class EnergySession:
         return (step - self.first_step + 1) % self.log_every == 0
 
     def log_step(self) -> None:
-        """At a logging boundary: drain, batched to every ``DRAIN_INTERVAL_S`` in a single process.
+        """At a logging boundary: the first starts the pump; later ones raise what the pump raised.
 
-        Points keep their own steps; only their writing is batched, so the training thread pays a
-        few microseconds per step instead of a drain per step. Under DDP every logging boundary is a
-        collective (every rank must reach it at the same step).
+        The pump drains every ``DRAIN_INTERVAL_S`` on its own thread, so points keep their own steps and
+        the training thread pays well under a microsecond here. Under DDP every rank must call it (the
+        pumps' rounds are collectives); a stage with no logging boundary gathers once, at its end.
         """
-        now_s = time.monotonic()
-        if self.world_size > 1 or now_s - self._drained_at_s >= DRAIN_INTERVAL_S:
-            self._drained_at_s = now_s
-            self.drain(collective=self.world_size > 1)
+        if self._pump is not None:
+            self._pump.check()
+        elif self._meter is not None:
+            from wattlog.pump import Pump
+
+            self._pump = Pump(self._take, self._account, self._exchange_round if self.world_size > 1 else None,
+                              DRAIN_INTERVAL_S).start()
 
     def drain(self, collective: bool = False) -> None:
         """Account every resolved record and log the points that are due.
@@ -240,22 +252,21 @@ class EnergySession:
         Under DDP, ``collective=True`` gathers every rank's records (every rank must call it);
         with ``collective=False`` other ranks keep theirs for the next collective.
         """
-        if self._meter is not None:
-            try:
-                segments = self._meter.drain()
-            except WattlogError as exc:
-                self._degrade(str(exc), exc)
-                segments = []
-            self._drain(segments, collective=collective, final=False)
-            self._note_meter(self._meter)
+        if self._meter is None:
+            return
+        if collective and self._pump is not None:
+            raise WattlogError("EnergySession.drain(collective=True) while the pump runs the collectives")
+        with self._lock:
+            self._drain(self._read_meter(), collective=collective, final=False)
 
     def observe_metric(self, value: float) -> None:
         """Record the energy to the target the first time ``value`` reaches it (rank 0)."""
         target = self.options.target
         if target.metric is None or self.ledger is None or self.rank != 0:
             return
-        self.drain()
-        self.ledger.observe_metric(float(value), float(target.value), target.mode)  # type: ignore[arg-type]
+        with self._lock:
+            self.drain()
+            self.ledger.observe_metric(float(value), float(target.value), target.mode)  # type: ignore[arg-type]
 
     def end_stage(self, step: int, collective: bool = True) -> None:
         """End of fit/validate/test/predict: stop measuring, log summary, params, tags, artifacts.
@@ -291,6 +302,10 @@ class EnergySession:
 
     def state_dict(self) -> dict[str, Any]:
         """Running totals for a checkpoint, including measured energy not yet attributed to a step."""
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         if self.ledger is None:
             return {}
         state = self.ledger.state_dict()
@@ -314,8 +329,9 @@ class EnergySession:
         """
         if self.ledger is None:
             return
-        self.ledger.load_state_dict(state)
-        self.begin_attempt(start_step, resumed=True)
+        with self._lock:
+            self.ledger.load_state_dict(state)
+            self.begin_attempt(start_step, resumed=True)
 
     def begin_attempt(self, start_step: int, resumed: bool = False) -> None:
         """Tag a fit attempt: ``energy.attempts`` and ``energy.attempt.{n}`` (rank 0)."""
@@ -368,14 +384,66 @@ class EnergySession:
         self.ledger = EnergyLedger(kinds, self._intensity.g_per_kwh, self.options.carbon.pue, self.world_size,
                                    self.options.per_device, gpu_order)
 
-    def _drain(self, segments: list[Any], collective: bool, final: bool) -> None:
-        assert self._aggregator is not None and self.ledger is not None
+    def _read_meter(self) -> list[Any]:
+        """The meter's resolved segments (a meter failure degrades and yields none)."""
+        try:
+            segments = self._meter.drain()
+        except WattlogError as exc:
+            self._degrade(str(exc), exc)
+            segments = []
+        self._note_meter(self._meter)
+        return segments
+
+    def _take(self) -> list[StepRecord]:
+        """Pump thread: this rank's new records (and, under DDP, those an earlier drain kept for it)."""
+        with self._lock:
+            records = self._records(self._read_meter(), final=False)
+            mine, self._unsent = self._unsent + records, []
+            return mine
+
+    def _exchange_round(self, payload: tuple[list[StepRecord], bool]) -> list[tuple[list[StepRecord], bool]]:
+        """Pump thread, DDP: every rank's round (records and stop request), one collective."""
+        assert self.collectives is not None
+        records, stopping = payload
+        gathered = self.collectives.gather(([r.to_dict() for r in records], stopping))
+        return [([StepRecord.from_dict(d) for d in dicts], asked) for dicts, asked in gathered]
+
+    def _account(self, records: list[StepRecord]) -> None:
+        """Pump thread: rank 0 accounts every rank's records and logs the points that are due."""
+        with self._lock:
+            if self.collectives is not None and self.collectives.partial is not None and self.ledger is not None:
+                self.ledger.world_size = 1  # account rank 0's records as they come
+            if self.rank == 0:
+                self._log_points(self.ledger.add(records))  # type: ignore[union-attr]
+
+    def _stop_pump(self, collective: bool) -> bool:
+        """Wait for the pump's last round; whether the final drain may still run a collective."""
+        pump, self._pump = self._pump, None
+        if pump is None:
+            return collective
+        timeout_s = self.options.collective_timeout_s + PUMP_STOP_MARGIN_S if self.world_size > 1 else 30.0
+        if pump.stop(timeout_s) or self.collectives is None:
+            return collective
+        self.collectives.stop(f"wattlog's pump on rank {self.rank} did not finish its last collective in "
+                              f"{timeout_s:g} s; from here on rank 0 logs its own measurements only")
+        return False
+
+    def _records(self, segments: list[Any], final: bool) -> list[StepRecord]:
+        assert self._aggregator is not None
         for seg in segments:
             for name, joules in seg.energy_j.items():
                 self._drained_j[name] = self._drained_j.get(name, 0.0) + joules
         records = self._aggregator.add(segments)
         if final:
             records += self._aggregator.finish()
+        return records
+
+    def _log_points(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        self._emit([(step, m) for step, m in points if self.is_log_step(step)])
+
+    def _drain(self, segments: list[Any], collective: bool, final: bool) -> None:
+        assert self.ledger is not None
+        records = self._records(segments, final)
         if self.world_size > 1:
             records = self._exchange(records, collective)
             if records is None:
@@ -383,7 +451,7 @@ class EnergySession:
         points = self.ledger.add(records)
         if final:
             points += self.ledger.flush_pending()
-        self._emit([(step, m) for step, m in points if self.is_log_step(step)])
+        self._log_points(points)
 
     def _exchange(self, records: list[StepRecord], collective: bool) -> list[StepRecord] | None:
         """DDP: rank 0 gets every rank's records at a collective; None on other ranks."""

@@ -230,11 +230,7 @@ class EnergySweepCallback(Callback):
         self.sweep_dir = sweep_dir
         overrides = redact_overrides(str(o) for o in config.hydra.overrides.task)
         client = self._client()
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            experiment_id = client.create_experiment(self.experiment_name)
+        experiment_id = _experiment_id(client, self.experiment_name)
         sweep_id = uuid.uuid4().hex[:16]
         run = client.create_run(
             experiment_id,
@@ -353,6 +349,20 @@ class EnergySweepCallback(Callback):
         now_ms = int(time.time() * 1000)
         metrics = [Metric(k, v, now_ms, 0) for k, v in values.items()]
         client.log_batch(self.parent_run_id, metrics=metrics, tags=tags)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing; safe when several sweeps create it at once."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except Exception:  # another process created it between the two calls (unique name)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
 
 
 def _abs_sweep_dir(config: DictConfig) -> Path:

@@ -27,7 +27,8 @@ STAGES = {"train": "train", "fit": "train", "val": "val", "eval": "val", "evalua
 """Stage names an adapter or user may pass, and the stage each is accounted as."""
 
 DDP_DRAIN_EVERY = 50
-"""Under DDP without a framework logging cadence: a collective drain every this many steps."""
+"""Under DDP without a framework logging cadence: the steps at which every rank checks in with its pump
+(the first starts it; the pump itself gathers every 0.25 s, off the training thread)."""
 
 
 def stage_name(stage: str) -> str:
@@ -93,7 +94,7 @@ class LoopEnergy:
         placement: rank, world size, local rank and device of this process.
         root_dir: parent of the local ``energy/`` folder (no MLflow run) and of the default spool.
         run_id, tracking_uri: an explicit MLflow run; default the active run.
-        drain_every: under DDP, drain (a collective) when ``step % drain_every == 0``.
+        drain_every: under DDP, check in with the session's pump when ``step % drain_every == 0``.
         first_step: the number of the loop's first step (1 for Hugging Face's ``global_step``).
         who, hint: for the "no MLflow run" warning and error.
     """

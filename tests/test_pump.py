@@ -1,0 +1,142 @@
+"""The pump: drains off the training thread, ranks leave together, errors reach the training thread.
+
+The DDP case runs two EnergySessions (rank 0 and rank 1) on two threads of one process, their
+collectives an in-process all-gather, so every gather's thread can be checked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from wattlog import keys
+from wattlog.ledger import StepLabel
+from wattlog.options import MonitorOptions
+from wattlog.pump import Pump
+from wattlog.session import EnergySession
+from wattlog.sinks.base import MemorySink
+
+from conftest import GPU_POWER_W
+
+
+class ThreadGather:
+    """An all-gather among ``world_size`` threads (a barrier per round); records each caller's thread."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._barrier = threading.Barrier(world_size, timeout=20)
+        self._slots: list = [None] * world_size
+        self.threads: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+
+    def gather(self, rank: int, obj):
+        with self._lock:
+            self.threads.append((rank, threading.current_thread().name))
+        self._slots[rank] = obj
+        self._barrier.wait()
+        out = list(self._slots)
+        self._barrier.wait()  # nobody overwrites a slot before everyone has read the round
+        return out
+
+
+class RankCollectives:
+    def __init__(self, rank: int, hub: ThreadGather) -> None:
+        self.rank, self.world_size, self.partial, self._hub = rank, hub.world_size, None, hub
+
+    def gather(self, obj):
+        return self._hub.gather(self.rank, obj)
+
+    def stop(self, reason: str, exc: BaseException | None = None) -> None:
+        self.partial = self.partial or reason
+
+
+def test_a_pump_thread_error_is_raised_on_the_training_thread() -> None:
+    def broken_take():
+        raise RuntimeError("sink broke")
+
+    pump = Pump(broken_take, lambda records: None, interval_s=0.01).start()
+    deadline = time.monotonic() + 5
+    with pytest.raises(RuntimeError, match="sink broke"):
+        while time.monotonic() < deadline:
+            pump.check()
+            time.sleep(0.01)
+    assert pump.stop(5)  # the thread has ended; its error was raised once
+    pump.check()
+
+
+def test_pumps_leave_together_after_the_round_in_which_one_rank_asked() -> None:
+    hub = ThreadGather(2)
+    accounted: list[list] = [[], []]
+    rounds = [0, 0]
+
+    def take(rank):
+        def _take():
+            rounds[rank] += 1
+            return [f"r{rank}-{rounds[rank]}"]
+        return _take
+
+    pumps = [Pump(take(r), accounted[r].extend, lambda payload, r=r: hub.gather(r, payload), interval_s=0.01).start()
+             for r in range(2)]
+    time.sleep(0.2)
+    assert pumps[1].stop(10)  # rank 1's stage ends; rank 0 never asks
+    assert pumps[0].stop(0.5)  # ... and rank 0's pump has already left with it
+    assert rounds[0] == rounds[1] > 1
+    assert accounted[0] == accounted[1]  # every round gave both ranks everyone's records
+    assert f"r1-{rounds[1]}" in accounted[0]  # including rank 1's last
+
+
+def _rank_session(rank: int, hub: ThreadGather) -> tuple[EnergySession, MemorySink]:
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none", log_every_n_steps=1)
+    session = EnergySession(opts, gpus=[0], host=rank == 0, log_every_n_steps=1,
+                            collectives=RankCollectives(rank, hub))
+    sink = MemorySink()
+    session.open(sink if rank == 0 else None)
+    return session, sink
+
+
+def test_ddp_gathers_run_on_the_pump_and_rank_zero_logs_every_rank_once(gpu) -> None:
+    hub = ThreadGather(2)
+    sinks: dict[int, MemorySink] = {}
+    errors: list[BaseException] = []
+    n_steps = 30
+    spans_s = [0.0, 0.0]
+
+    def train(rank: int) -> None:
+        try:
+            session, sink = _rank_session(rank, hub)
+            sinks[rank] = sink
+            t0 = time.perf_counter()
+            for step in range(n_steps):
+                session.mark(StepLabel("train", None, 4))
+                time.sleep(0.01 * (1 + rank))  # rank 1 is slower: rank 0 must not wait for it per step
+                session.step_completed(step)
+                session.log_step()
+            spans_s[rank] = time.perf_counter() - t0
+            session.mark(StepLabel("other"))
+            session.end_stage(step=n_steps)
+            session.close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(r,), name=f"train-{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    by_thread: dict[str, int] = {}
+    for _rank, name in hub.threads:
+        by_thread[name] = by_thread.get(name, 0) + 1
+    training_gathers = {name: n for name, n in by_thread.items() if name.startswith("train-")}
+    # the training threads gather only at open (the ledger's domains) and at the stage end
+    assert training_gathers == {"train-0": 2, "train-1": 2}, by_thread
+    assert by_thread.get("wattlog-pump", 0) >= 2 * 2  # both pumps ran rounds while the steps ran
+
+    sink = sinks[0]
+    assert [s for s, _ in sink.history(keys.STEP_J)] == list(range(n_steps))  # every step once
+    steps_j = sum(v for _, v in sink.history(keys.STEP_J))
+    # every step holds both ranks' GPUs: GPU_POWER_W over each rank's own time in its steps
+    assert steps_j == pytest.approx(GPU_POWER_W * (spans_s[0] + spans_s[1]), rel=0.15)
+    assert sink.last()[keys.kind_j("gpu")] == pytest.approx(sink.last()[keys.TOTAL_J])
