@@ -57,3 +57,25 @@ def test_real_tensors_and_batch_encoding():
     transformers = pytest.importorskip("transformers")
     enc = transformers.BatchEncoding({"input_ids": torch.zeros(9, 4, dtype=torch.long)})
     assert count_samples(enc) == 9
+
+
+def test_sample_counter_agrees_with_the_walk_and_walks_again_when_a_batch_is_shaped_otherwise() -> None:
+    import pickle
+
+    from wattlog.batch import SampleCounter
+
+    @dataclasses.dataclass
+    class Batch:
+        meta: object
+        x: object
+
+
+    counter = SampleCounter()
+    batches = [(Arr(3, 2),), {"a": None, "b": Arr(5)}, [[Arr(2, 1)]], Batch(None, Arr(7, 1)),
+               {"ids": [1, 2]}, Arr(), (Arr(4),), {"a": Arr(6)}]
+    for batch in batches + batches:  # the second pass reads the remembered places
+        assert counter(batch) == count_samples(batch), batch
+    assert counter({"a": None, "b": Arr(9)}) == 9  # the remembered key "a" holds nothing now: walk
+    assert counter(({"x": Arr(2)},)) == 2  # a tuple shaped otherwise than (array,)
+    assert counter((Arr(4),)) == 4
+    assert pickle.loads(pickle.dumps(counter))((Arr(5),)) == 5  # pickles (ddp_spawn) without its memo

@@ -171,9 +171,9 @@ class MonitorOptions:
         """The batch-size function in effect."""
         if self.batch_size_fn is not None:
             return self.batch_size_fn
-        from wattlog.batch import count_samples
+        from wattlog.batch import SampleCounter
 
-        return count_samples
+        return SampleCounter()
 
 
 def _as_dict(value: Any, name: str) -> dict[str, Any]:

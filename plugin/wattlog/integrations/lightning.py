@@ -64,6 +64,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._restored: dict[str, Any] | None = None
         self._cuda_marks: Any = None
         self._step_before = -1
+        self._train_labels: dict[int, StepLabel] = {}  # by samples: one label object per batch size
         self._warned_no_run = False
         self._warned_samples = False
 
@@ -135,7 +136,11 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if self.options.sync_cuda and self._session and self._session.is_log_step(run.logged_step(trainer)):
             self._synchronize(trainer)
         self._step_before = trainer.global_step
-        self._mark(StepLabel("train", None, self._samples(batch)))
+        n = self._samples(batch)
+        label = self._train_labels.get(n)
+        if label is None:
+            label = self._train_labels.setdefault(n, StepLabel("train", None, n))
+        self._mark(label)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         session = self._session
