@@ -50,11 +50,24 @@ class StepLabel:
     samples: int = 0
 
 
-@dataclass(frozen=True)
 class StepEnd:
-    """Ordered event: the open train step completed, and Lightning logs its metrics at ``step``."""
+    """Ordered event: the open train step completed, and Lightning logs its metrics at ``step``.
 
-    step: int
+    A plain slotted class, not a dataclass: one is made per training step, on the training thread."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepEnd) and other.step == self.step
+
+    def __hash__(self) -> int:
+        return hash((StepEnd, self.step))
+
+    def __repr__(self) -> str:
+        return f"StepEnd(step={self.step})"
 
 
 @dataclass

@@ -147,10 +147,11 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if session is None or trainer.global_step == self._step_before:
             return  # gradient accumulation: the optimizer step is not complete yet
         step = run.logged_step(trainer)
-        if self.options.sync_cuda and session.is_log_step(step):
+        due = session.is_log_step(step)
+        if due and self.options.sync_cuda:
             self._synchronize(trainer)
         self._mark(None, step)
-        if session.is_log_step(step):
+        if due:
             session.log_step()
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
