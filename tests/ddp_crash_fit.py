@@ -2,7 +2,7 @@
 
 Usage: python ddp_crash_fit.py TRACKING_URI ROOT_DIR OUT_JSON STALL_AT_STEP CRASH_AT_STEP
 At STALL_AT_STEP rank 1 sleeps 4x wattlog's collective timeout (2 s) right before wattlog's logging
-boundary, then carries on: rank 0 reaches wattlog's collective alone. At CRASH_AT_STEP rank 1 raises
+boundary, then carries on (wattlog's pumps keep exchanging rounds meanwhile, off the training threads). At CRASH_AT_STEP rank 1 raises
 in ``training_step``. A step of 0 disables that fault.
 Rank 0 writes OUT_JSON (run id, how the fit ended) as soon as it knows the run id and again at the end.
 """

@@ -177,7 +177,11 @@ def test_sigkill_mid_epoch_then_resume_continues_totals_without_double_points(tm
 
 @pytest.mark.slow
 def test_ddp_rank_stall_and_crash_never_hang_in_wattlog(tmp_path, mlflow_uri):
-    """Rank 1 stalls at step 5 (wattlog's 2 s collective timeout fires), then raises at step 12."""
+    """Rank 1 stalls at step 5 for 4x wattlog's 2 s collective timeout, then raises at step 12.
+
+    The stall alone fires no timeout (the ranks' pumps go on exchanging rounds off the training threads);
+    the crash does: rank 0's pump waits for a round rank 1 never joins, times out and goes partial.
+    """
     pytest.importorskip("lightning")
     from mlflow import MlflowClient
 

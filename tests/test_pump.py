@@ -140,3 +140,38 @@ def test_ddp_gathers_run_on_the_pump_and_rank_zero_logs_every_rank_once(gpu) -> 
     # every step holds both ranks' GPUs: GPU_POWER_W over each rank's own time in its steps
     assert steps_j == pytest.approx(GPU_POWER_W * (spans_s[0] + spans_s[1]), rel=0.15)
     assert sink.last()[keys.kind_j("gpu")] == pytest.approx(sink.last()[keys.TOTAL_J])
+
+
+class SoloPair:
+    """Rank 0 of 2 whose peer contributes nothing (only the open's gather of the domains is answered)."""
+
+    rank, world_size = 0, 2
+
+    def __init__(self) -> None:
+        self.partial: str | None = None
+
+    def gather(self, obj):
+        return [obj, {}] if isinstance(obj, dict) else [obj, obj]
+
+    def stop(self, reason: str, exc: BaseException | None = None) -> None:
+        self.partial = self.partial or reason
+
+
+def test_steps_waiting_for_a_lost_rank_are_logged_in_order_when_collecting_stops(gpu) -> None:
+    from wattlog.ledger import StepRecord
+
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none", log_every_n_steps=1)
+    collectives = SoloPair()
+    session = EnergySession(opts, gpus=[0], log_every_n_steps=1, collectives=collectives)
+    sink = MemorySink()
+    session.open(sink)
+
+    def record(step: int) -> StepRecord:
+        return StepRecord("train", step, float(step), step + 1.0, {"r0.gpu0": 10.0}, 4, 1, 1.0)
+
+    session._account([record(2), record(3)])  # rank 1's records for these never come
+    assert sink.history(keys.STEP_J) == []
+    collectives.stop("rank 1 is gone")
+    session._account([record(4)])
+    assert [s for s, _ in sink.history(keys.STEP_J)] == [2, 3, 4]  # none dropped as out of order
+    session.close()

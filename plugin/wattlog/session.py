@@ -397,6 +397,8 @@ class EnergySession:
     def _take(self) -> list[StepRecord]:
         """Pump thread: this rank's new records (and, under DDP, those an earlier drain kept for it)."""
         with self._lock:
+            if self._meter is None:  # a round that outlived stop()'s wait: the final drain has it all
+                return []
             records = self._records(self._read_meter(), final=False)
             mine, self._unsent = self._unsent + records, []
             return mine
@@ -411,10 +413,9 @@ class EnergySession:
     def _account(self, records: list[StepRecord]) -> None:
         """Pump thread: rank 0 accounts every rank's records and logs the points that are due."""
         with self._lock:
-            if self.collectives is not None and self.collectives.partial is not None and self.ledger is not None:
-                self.ledger.world_size = 1  # account rank 0's records as they come
+            points = self._note_partial()
             if self.rank == 0:
-                self._log_points(self.ledger.add(records))  # type: ignore[union-attr]
+                self._log_points(points + self.ledger.add(records))  # type: ignore[union-attr]
 
     def _stop_pump(self, collective: bool) -> bool:
         """Wait for the pump's last round; whether the final drain may still run a collective."""
@@ -463,11 +464,21 @@ class EnergySession:
             return mine
         assert self.collectives is not None
         gathered = self.collectives.gather([r.to_dict() for r in mine])
-        if self.collectives.partial is not None and self.ledger is not None:
-            self.ledger.world_size = 1  # account rank 0's records as they come
+        points = self._note_partial()
         if self.rank != 0:
             return None
+        self._log_points(points)
         return [StepRecord.from_dict(d) for rank_records in gathered for d in rank_records]
+
+    def _note_partial(self) -> list[tuple[int, dict[str, float]]]:
+        """Once collecting has stopped: account rank 0's records as they come, and first the steps that
+        wait for other ranks' records (in step order, so no later step's point precedes them)."""
+        if self.collectives is None or self.collectives.partial is None or self.ledger is None:
+            return []
+        if self.ledger.world_size == 1:
+            return []
+        self.ledger.world_size = 1
+        return self.ledger.flush_pending()
 
     def _emit(self, points: list[tuple[int, dict[str, float]]], force: bool = False) -> None:
         """Log ``(step, metrics)``; ``force`` moves a key to its next free step instead of dropping it."""

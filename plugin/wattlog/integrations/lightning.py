@@ -122,7 +122,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._session is not None and self._session.collectives is not None:
             self._session.collectives.stop(f"the run failed ({type(exception).__name__}); other ranks' energy "
-                                           "since the last logging boundary is missing")
+                                           "since their pumps' last round is missing")
         self._end_stage(trainer, collective=False)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
