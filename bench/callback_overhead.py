@@ -31,12 +31,15 @@ from fakes.nvml import FakeGpu, FakeNvml  # noqa: E402
 HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_validation_start", "on_validation_end")
 
 
-def timed_monitor(**kwargs):
+def timed_monitor(hooks=HOOKS, **kwargs):
+    """An EnergyMonitor whose ``hooks`` add their wall time to ``monitor.hook_s`` and, per call, to
+    ``monitor.hook_calls_s`` (bench/ddp_scale.py uses both)."""
     from wattlog import EnergyMonitor
 
     monitor = EnergyMonitor(**kwargs)
     monitor.hook_s = 0.0
-    for name in HOOKS:
+    monitor.hook_calls_s = []
+    for name in hooks:
         fn = getattr(monitor, name)
 
         def wrapper(*a, _fn=fn, **k):
@@ -44,7 +47,9 @@ def timed_monitor(**kwargs):
             try:
                 return _fn(*a, **k)
             finally:
-                monitor.hook_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                monitor.hook_s += dt
+                monitor.hook_calls_s.append(dt)
 
         setattr(monitor, name, wrapper)
     return monitor

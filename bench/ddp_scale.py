@@ -39,6 +39,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from callback_overhead import timed_monitor  # noqa: E402 - the hooks' wall time, per call
 from peers import spread  # noqa: E402 - median [min, max], as in every bench table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,25 +100,8 @@ def child(args: argparse.Namespace) -> None:
     callbacks: list = [stamps]
     monitor = None
     if args.monitor:
-        from wattlog import EnergyMonitor
-
-        monitor = EnergyMonitor(gpus=[local_rank], cpu="none", ram="none", log_every_n_steps=1,
+        monitor = timed_monitor(HOOKS, gpus=[local_rank], cpu="none", ram="none", log_every_n_steps=1,
                                 carbon_intensity=100.0)
-        monitor.hook_s = 0.0
-        monitor.hook_steps = []
-        for name in HOOKS:
-            fn = getattr(monitor, name)
-
-            def wrapper(*a, _fn=fn, **k):
-                t0 = time.perf_counter()
-                try:
-                    return _fn(*a, **k)
-                finally:
-                    dt = time.perf_counter() - t0
-                    monitor.hook_s += dt
-                    monitor.hook_steps.append(dt)
-
-            setattr(monitor, name, wrapper)
         callbacks.append(monitor)
     n = args.steps * args.world_size * 4
     g = torch.Generator().manual_seed(0)
@@ -150,7 +134,7 @@ def child(args: argparse.Namespace) -> None:
     }
     if monitor is not None:
         # both hooks of a step, summed; the steps after the warm-up only
-        per_step = [a + b for a, b in zip(monitor.hook_steps[0::2], monitor.hook_steps[1::2])]
+        per_step = [a + b for a, b in zip(monitor.hook_calls_s[0::2], monitor.hook_calls_s[1::2])]
         tail = per_step[args.warmup:]
         out["hook_median_us"] = 1e6 * statistics.median(tail) if tail else 0.0
         out["hook_mean_us"] = 1e6 * statistics.fmean(tail) if tail else 0.0

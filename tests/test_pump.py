@@ -6,6 +6,7 @@ collectives an in-process all-gather, so every gather's thread can be checked.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -175,3 +176,48 @@ def test_steps_waiting_for_a_lost_rank_are_logged_in_order_when_collecting_stops
     session._account([record(4)])
     assert [s for s, _ in sink.history(keys.STEP_J)] == [2, 3, 4]  # none dropped as out of order
     session.close()
+
+
+class FailsOnce(MemorySink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def log_points(self, points) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("disk full")
+        super().log_points(points)
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_a_pump_failure_degrades_in_production_and_raises_in_strict_mode(gpu, monkeypatch, strict) -> None:
+    from wattlog.errors import WattlogError, WattlogWarning
+
+    monkeypatch.setenv("WATTLOG_STRICT", strict)
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none", log_every_n_steps=1)
+    session = EnergySession(opts, gpus=[0], log_every_n_steps=1)
+    sink = FailsOnce()
+    session.open(sink)
+    raised: list[BaseException] = []
+    with pytest.warns(WattlogWarning, match="pump thread failed") if strict == "0" else contextlib.nullcontext():
+        for step in range(12):
+            session.mark(StepLabel("train", None, 4))
+            time.sleep(0.05)
+            session.step_completed(step)
+            try:
+                session.log_step()
+            except WattlogError as exc:
+                raised.append(exc)
+        session.mark(StepLabel("other"))
+        session.end_stage(step=12)
+    session.close()
+    assert sink.failed
+    if strict == "1":
+        assert raised and "disk full" in str(raised[0].__cause__)
+    else:
+        assert not raised
+        # the pump's lost batch aside, the stage's final drain logged the rest and the run is tagged
+        assert sink.history(keys.STEP_J)[-1][0] == 11
+        assert "pump thread failed" in sink.tags[keys.T_DEGRADED]
+

@@ -138,22 +138,12 @@ def table_columns(
                 core=False,
             )
         )
-    for col, header in (("cpu_j", "CPU"), ("ram_j", "RAM")):
+    for col, header, kind in (("cpu_j", "CPU", "energy"), ("ram_j", "RAM", "energy"),
+                              ("emissions_g", "CO2e", "emissions"), ("j_per_sample", "train/sample", "j"),
+                              ("test_j_per_sample", "test/sample", "j"), ("avg_power_w", "avg power", "power"),
+                              ("duration_s", "time", "duration")):
         if col in has and groups[col].notna().any():
-            optional.append(Column(header, lambda r, c=col: _spread_cell(r, c, "energy", unit), core=False))
-    if "emissions_g" in has and groups["emissions_g"].notna().any():
-        optional.append(
-            Column("CO2e", lambda r: _spread_cell(r, "emissions_g", "emissions", unit), core=False)
-        )
-    for col, header in (("j_per_sample", "train/sample"), ("test_j_per_sample", "test/sample")):
-        if col in has and groups[col].notna().any():
-            optional.append(Column(header, lambda r, c=col: _spread_cell(r, c, "j", unit), core=False))
-    if "avg_power_w" in has and groups["avg_power_w"].notna().any():
-        optional.append(
-            Column("avg power", lambda r: _spread_cell(r, "avg_power_w", "power", unit), core=False)
-        )
-    if "duration_s" in has and groups["duration_s"].notna().any():
-        optional.append(Column("time", lambda r: _spread_cell(r, "duration_s", "duration", unit), core=False))
+            optional.append(Column(header, lambda r, c=col, k=kind: _spread_cell(r, c, k, unit), core=False))
     if "j_to_target" in has:
         optional.append(
             Column("to target", lambda r: _spread_cell(r, "j_to_target", "energy", unit), core=False)

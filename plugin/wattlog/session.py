@@ -239,7 +239,7 @@ class EnergySession:
         pumps' rounds are collectives); a stage with no logging boundary gathers once, at its end.
         """
         if self._pump is not None:
-            self._pump.check()
+            self._checked(self._pump.check)
         elif self._meter is not None:
             from wattlog.pump import Pump
 
@@ -423,11 +423,23 @@ class EnergySession:
         if pump is None:
             return collective
         timeout_s = self.options.collective_timeout_s + PUMP_STOP_MARGIN_S if self.world_size > 1 else 30.0
-        if pump.stop(timeout_s) or self.collectives is None:
+        if self._checked(lambda: pump.stop(timeout_s), default=True) or self.collectives is None:
             return collective
         self.collectives.stop(f"wattlog's pump on rank {self.rank} did not finish its last collective in "
                               f"{timeout_s:g} s; from here on rank 0 logs its own measurements only")
         return False
+
+    def _checked(self, call: Callable[[], Any], default: Any = None) -> Any:
+        """``call()``, where a pump failure that the policy has not yet judged degrades (it raises only in
+        strict mode): the pump is gone, and the stage's final drain on this thread accounts what it left."""
+        try:
+            return call()
+        except WattlogError:
+            raise  # the failure policy already decided (strict mode)
+        except Exception as exc:  # noqa: BLE001 - never kill the training for a bookkeeping thread
+            self._degrade(f"wattlog's pump thread failed ({type(exc).__name__}: {exc}); points are drained at "
+                          "the end of the stage", exc)
+            return default
 
     def _records(self, segments: list[Any], final: bool) -> list[StepRecord]:
         assert self._aggregator is not None
