@@ -39,8 +39,13 @@ def _total_j(metrics: dict[str, float]) -> float | None:
 
 def _run_sweep(tmp: Path, *overrides: str, module: str = "examples.hydra_toy", uri: str | None = None,
                experiment: str = "hydra_toy", extra: tuple[str, ...] = ("train.root_dir={lightning}",),
-               env_extra: dict[str, str] | None = None) -> dict[str, Any]:
+               env_extra: dict[str, str] | None = None, experiments: tuple[str, ...] = ()) -> dict[str, Any]:
     uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
+    if experiments:  # created first, as on a team's server: see test_submitit_local_sweep_end_to_end
+        from mlflow.tracking import MlflowClient
+
+        for name in experiments:
+            MlflowClient(uri).create_experiment(name)
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,
@@ -268,7 +273,11 @@ def test_sweep_links_a_run_through_the_monitor_alone(tmp_path: Path) -> None:
 def test_submitit_local_sweep_end_to_end(tmp_path: Path) -> None:
     """``hydra/launcher=submitit_local``: jobs are pickled into submitit processes (a SLURM cluster's path)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    # submitit starts the jobs in parallel: their MLFlowLoggers would race to create the new experiment
+    # `own_logger` (Lightning calls get_experiment_by_name, then create_experiment; one job loses on the
+    # unique name). The README's submitit section says to create it first; so does this test.
     s = _run_sweep(tmp_path, "--config-name=app_submitit", "energy=estimate,off", "link=app",
-                   module="tests.sweep_app", experiment="own_sweeps", extra=("root_dir={lightning}",))
+                   module="tests.sweep_app", experiment="own_sweeps", extra=("root_dir={lightning}",),
+                   experiments=("own_logger",))
     _check_own_logger_sweep(s)
     assert list((s["sweep_dir"] / ".submitit").iterdir())  # the jobs really went through submitit
