@@ -100,6 +100,8 @@ def hook_microbench(steps: int = 20000) -> tuple[float, float]:
     monitor = EnergyMonitor(gpus=[0, 1], cpu="none", ram="none", log_every_n_steps=50, progress_bar=False)
     monitor._session = EnergySession(monitor.options, gpus=[0, 1], log_every_n_steps=50)
     monitor._session.open(MemorySink())
+    if hasattr(monitor, "_bind_stage"):  # what setup() does after opening the session (absent before 2026-12)
+        monitor._bind_stage()
     loop = types.SimpleNamespace(_batches_that_stepped=0)
     trainer = types.SimpleNamespace(global_step=0, loggers=[], fit_loop=types.SimpleNamespace(epoch_loop=loop))
     batch = (torch.zeros(128, 256),)

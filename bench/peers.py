@@ -156,7 +156,9 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
         lines += [head, "|" + "---|" * (len(fit_cfgs) + 1)]
         figures = [
             ("throughput vs no tool", lambda r, b: r["steps_per_s"] / b["steps_per_s"], "{:.3f}"),
-            ("training-thread time in the tool's per-step calls, us/step", lambda r, b: r["hook_step_us"], "{:.0f}"),
+            ("training-thread time in the tool's per-step calls, us/step (median step)",
+             lambda r, b: r.get("hook_step_median_us", r["hook_step_us"]), "{:.0f}"),
+            ("training-thread time in the tool's per-step calls, us/step (mean)", lambda r, b: r["hook_step_us"], "{:.0f}"),
             ("extra process CPU per step, ms", lambda r, b: r["cpu_ms_per_step"] - b["cpu_ms_per_step"], "{:+.2f}"),
             ("  of which main thread, ms", lambda r, b: r["main_cpu_ms_per_step"] - b["main_cpu_ms_per_step"],
              "{:+.2f}"),

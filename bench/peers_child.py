@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+from statistics import median
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -30,13 +31,15 @@ import simgpu  # noqa: E402
 
 
 class Clock:
-    """Time spent inside wrapped calls, split into per-step and fixed (everything else)."""
+    """Time spent inside wrapped calls, split into per-step and fixed (everything else); ``per_step_s``
+    holds each step's time (its first per-step call opens a step, the others add to it)."""
 
     def __init__(self) -> None:
         self.step_s = 0.0
         self.fixed_s = 0.0
+        self.per_step_s: list[float] = []
 
-    def wrap(self, fn, step: bool):
+    def wrap(self, fn, step: bool, opens_step: bool = False):
         def timed(*a, **k):
             t0 = time.perf_counter()
             try:
@@ -45,6 +48,10 @@ class Clock:
                 dt = time.perf_counter() - t0
                 if step:
                     self.step_s += dt
+                    if opens_step or not self.per_step_s:
+                        self.per_step_s.append(dt)
+                    else:
+                        self.per_step_s[-1] += dt
                 else:
                     self.fixed_s += dt
 
@@ -61,7 +68,8 @@ FIXED_HOOKS = ("setup", "on_fit_start", "on_train_start", "on_train_end", "on_fi
 def instrument(callback, clock: Clock):
     for name in STEP_HOOKS + FIXED_HOOKS:
         if hasattr(callback, name):
-            setattr(callback, name, clock.wrap(getattr(callback, name), step=name in STEP_HOOKS))
+            setattr(callback, name, clock.wrap(getattr(callback, name), step=name in STEP_HOOKS,
+                                               opens_step=name == STEP_HOOKS[0]))
     return callback
 
 
@@ -223,6 +231,7 @@ def run_fit(tool: str, steps_n: int, uri: str, root: str) -> dict:
         "steps_per_s": (steps.n - 1) / (steps.last - steps.first) if steps.n > 1 else 0.0,
         "fit_s": fit_s, "total_s": t_fit1 - t_fit0,
         "hook_step_us": 1e6 * clock.step_s / n, "fixed_s": clock.fixed_s,
+        "hook_step_median_us": 1e6 * median(clock.per_step_s) if clock.per_step_s else 0.0,
         "cpu_ms_per_step": 1e3 * (cpu1 - cpu0) / n, "main_cpu_ms_per_step": 1e3 * (main1 - main0) / n,
         "children_cpu_ms_per_step": 1e3 * kids_cpu / n, "coverage": covered,
     }

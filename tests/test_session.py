@@ -239,3 +239,70 @@ def test_loops_that_count_from_one_log_where_their_own_metrics_are(gpu):
     session.end_stage(step=10)
     session.close()
     assert _steps(sink, keys.STEP_J) == [5, 10]  # where the Trainer logs loss with logging_steps=5
+
+
+def _stage(session: EnergySession, steps: int = 3) -> None:
+    for step in range(steps):
+        session.mark(StepLabel("train", None, 4))
+        time.sleep(0.02)
+        session.step_completed(step)
+    session.end_stage(step=steps)
+
+
+def test_the_chart_is_finished_off_the_caller_and_the_next_stage_waits_for_it(gpu, monkeypatch):
+    """Outside strict mode, suspend() hands power.png and the sink's close to a thread: the caller
+    does not wait for the drawing; the next stage's open() does, so stages never overlap."""
+    import wattlog.plots
+
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    release = threading.Event()
+    real = wattlog.plots.plot_power_trace
+    monkeypatch.setattr(wattlog.plots, "plot_power_trace", lambda *a, **k: (release.wait(30), real(*a, **k))[1])
+    session, first = _session()
+    _stage(session)
+    session.suspend()  # returns although the chart is blocked
+    finishing = [t for t in threading.enumerate() if t.name == "wattlog-finish"]
+    assert finishing and not finishing[0].daemon  # the interpreter waits for it at exit
+    assert not first.closed and keys.TRACE_CSV in [a[0] for a in first.artifacts]
+    assert keys.POWER_PNG not in [a[0] for a in first.artifacts]
+    release.set()
+    second = MemorySink()
+    session.open(second)  # waits for the first stage's sink to be closed
+    assert first.closed and [a[0] for a in first.artifacts] == [keys.TRACE_CSV, keys.POWER_PNG]
+    _stage(session)
+    session.close()
+    assert second.closed and keys.POWER_PNG in [a[0] for a in second.artifacts]
+    assert not [t for t in threading.enumerate() if t.name.startswith("wattlog-")]
+
+
+def test_a_chart_failing_on_the_finishing_thread_is_warned_and_tagged(gpu, monkeypatch):
+    import wattlog.plots
+    from wattlog.errors import WattlogWarning
+
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(wattlog.plots, "plot_power_trace", broken)
+    session, sink = _session()
+    _stage(session)
+    with pytest.warns(WattlogWarning, match="power.png skipped: RuntimeError: backend exploded"):
+        session.suspend()
+        session.wait_finished()
+    assert sink.closed and "power.png skipped" in str(sink.tags[keys.T_DEGRADED])
+    session.close()
+
+
+def test_strict_mode_finishes_the_chart_on_the_caller(gpu, monkeypatch):
+    import wattlog.plots
+    from wattlog.errors import SourceError
+
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    monkeypatch.setattr(wattlog.plots, "plot_power_trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    session, sink = _session()
+    _stage(session)
+    with pytest.raises(SourceError, match="power.png skipped"):
+        session.suspend()
+    assert sink.closed  # closed although the chart failed
+    session.close()

@@ -922,3 +922,40 @@ def test_real_server_killed_and_restarted_mid_stream(tmp_path, template_db, leni
     finally:
         server.kill()
     assert_exactly_once(local, run_id, 400)
+
+
+def test_a_script_that_ends_right_after_its_last_stage_still_delivers_the_chart(store, tmp_path):
+    """power.png is drawn and delivered after suspend() returns (off the training thread); a script
+    that simply ends there still gets it: the interpreter waits for the finishing thread."""
+    uri, client, run_id = store
+    tests_dir = str(Path(__file__).parent)
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {tests_dir!r})
+        import pytest
+        from fakes.nvml import FakeGpu, FakeNvml
+        FakeNvml([FakeGpu(power_w=400.0)]).install(pytest.MonkeyPatch())
+        import wattlog.plots
+        from wattlog.ledger import StepLabel
+        from wattlog.options import MonitorOptions
+        from wattlog.session import EnergySession
+        from wattlog.sinks.mlflow import MlflowSink
+        real = wattlog.plots.plot_power_trace
+        wattlog.plots.plot_power_trace = lambda *a, **k: (time.sleep(1.0), real(*a, **k))[1]  # a slow chart
+        session = EnergySession(MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none"), gpus=[0])
+        session.open(MlflowSink({run_id!r}, {uri!r}, spool_dir={str(tmp_path / "spool")!r}))
+        for step in range(5):
+            session.mark(StepLabel("train", None, 4))
+            time.sleep(0.02)
+            session.step_completed(step)
+        session.end_stage(step=5)
+        session.suspend()
+        print("alive" if any(t.name == "wattlog-finish" for t in __import__("threading").enumerate()) else "done")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "WATTLOG_STRICT"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "alive"  # suspend() returned while the chart was still being drawn
+    names = {a.path for a in client.list_artifacts(run_id, "energy")}
+    assert names == {"energy/trace.csv", "energy/power.png"}
+    assert client.get_run(run_id).data.metrics["energy/total_j"] > 0

@@ -50,24 +50,30 @@ class StepLabel:
     samples: int = 0
 
 
-class StepEnd:
+class StepEnd(int):
     """Ordered event: the open train step completed, and Lightning logs its metrics at ``step``.
 
-    A plain slotted class, not a dataclass: one is made per training step, on the training thread."""
+    An ``int`` subclass (the step), not a dataclass: one is made per training step, on the training
+    thread, and an int subclass is built in C, without a Python ``__init__``. Equal only to a StepEnd
+    of the same step, never to a plain int."""
 
-    __slots__ = ("step",)
+    __slots__ = ()
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    @property
+    def step(self) -> int:
+        return int(self)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, StepEnd) and other.step == self.step
+        return isinstance(other, StepEnd) and int(other) == int(self)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
 
     def __hash__(self) -> int:
-        return hash((StepEnd, self.step))
+        return hash((StepEnd, int(self)))
 
     def __repr__(self) -> str:
-        return f"StepEnd(step={self.step})"
+        return f"StepEnd(step={int(self)})"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,6 +31,7 @@ from wattlog.sampler import Sampler, Trace
 from wattlog.sources.base import Domain, EnergySource
 
 DEFAULT_SAMPLE_INTERVAL_S = 0.02
+_perf_counter = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class EnergyMeter:
         self.mark("__end__", end_s)
         segments = self.drain()
         self.end_s = end_s
+        self._marks = deque(maxlen=0)  # a late mark() or mark_now() is dropped, never kept
         return segments
 
     # -- boundaries and segments -----------------------------------------------------------
@@ -192,6 +194,15 @@ class EnergyMeter:
         Boundaries must be marked in time order.
         """
         self._marks.append((time.perf_counter() if time_s is None else time_s, label))
+
+    def mark_now(self, label: Hashable) -> None:
+        """``mark(label)`` at the current time: the hot path's version (one append, no branch)."""
+        self._marks.append((_perf_counter(), label))
+
+    def appender(self) -> Callable[[tuple[float, Hashable]], None]:
+        """The C-level append of ``(time.perf_counter(), label)`` boundaries, for the hottest paths; a
+        caller drops it at :meth:`close` (what it appends after that is never read)."""
+        return self._marks.append
 
     def drain(self) -> list[Segment]:
         """Return the segments completed since the last call whose end the sampler has covered.

@@ -37,7 +37,7 @@ class Pump:
         self._exchange = exchange or (lambda payload: [payload])
         self.interval_s = interval_s
         self._stop = threading.Event()
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None  # raised by the thread, not yet by check() (hot paths read it)
         self._thread = threading.Thread(target=self._run, name="wattlog-pump", daemon=True)
 
     def start(self) -> Pump:
@@ -46,7 +46,7 @@ class Pump:
 
     def check(self) -> None:
         """Raise (once) what the pump thread raised."""
-        error, self._error = self._error, None
+        error, self.error = self.error, None
         if error is not None:
             raise error
 
@@ -70,4 +70,4 @@ class Pump:
                 if any(asked for _, asked in rounds):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by check()/stop()
-            self._error = exc
+            self.error = exc

@@ -13,7 +13,8 @@ It imports no torch, lightning, mlflow or hydra. The training thread calls:
   params, tags and artifacts, and waits (bounded) for the sink to store them.
 
 Lifecycle: :meth:`open` (a stage starts: sink and meter) ... :meth:`end_stage` ... :meth:`suspend`
-(the stage's sink is closed; no thread, process or file stays open), then :meth:`open` again with a
+(the stage's sink is closed, by a ``wattlog-finish`` thread once ``power.png`` is in it; no thread,
+process or file stays open past that), then :meth:`open` again with a
 new sink for the next stage of the same run (the totals continue), or :meth:`close`.
 
 Logged keys (see :mod:`wattlog.keys`): per train step ``energy/step_j``, ``energy/power_w``,
@@ -42,9 +43,10 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol
 
 from wattlog import keys
-from wattlog.errors import SourceUnavailable, WattlogError, degrade
+from wattlog.errors import SourceUnavailable, WattlogError, degrade, strict_mode
 from wattlog.ledger import EnergyLedger, StepAggregator, StepEnd, StepLabel, StepRecord
 from wattlog.options import MonitorOptions
+from wattlog.sinks.base import split_primary
 from wattlog.sinks.spool import Point
 
 __all__ = ["Collectives", "EnergySession", "StepEnd", "StepLabel"]
@@ -58,6 +60,13 @@ PUMP_STOP_MARGIN_S = 5.0
 SHORT_RUN_RESOLUTIONS = 2
 """A run measured for less than this many of its coarsest source's resolution is tagged ``energy.short_run``
 (its total then rests on one or two samples of an estimate's utilisation, and per-step values on none)."""
+
+
+_perf_counter = time.perf_counter
+
+
+def _drop(label: Hashable) -> None:
+    """``mark_now`` of a session that is not measuring."""
 
 
 class Collectives(Protocol):
@@ -128,7 +137,9 @@ class EnergySession:
         self._params_logged = False
         self._closed = False
         self._chart: Any = None  # the stage's power.png, drawn off the training thread (wattlog.artifacts)
+        self._finishing: threading.Thread | None = None  # closes the last stage's sink once its chart is in
         self._pump: Any = None  # the stage's wattlog.pump.Pump, started by the first log_step()
+        self._append_mark: Any = None  # the stage's meter.appender(): train_step_ended's one append
         self._lock = threading.RLock()  # meter drains, aggregator, ledger and sink: pump vs training thread
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -147,6 +158,7 @@ class EnergySession:
             raise WattlogError("EnergySession.open() after close()")
         if self._meter is not None:
             return
+        self.wait_finished()  # the last stage's sink is closed before this stage's starts
         from wattlog.meter import EnergyMeter
 
         if not self._choices:
@@ -161,6 +173,7 @@ class EnergySession:
                 raise
             self.sink = sink
         self._meter, self._drained_j = meter, {}
+        self._append_mark = meter.appender()
         kinds = {self._prefix + d.name: d.kind for d in domains}
         if self.ledger is None:
             self._init_ledger(kinds)
@@ -186,24 +199,43 @@ class EnergySession:
         if self._meter is None:
             return
         collective = self._stop_pump(collective)
-        meter, self._meter = self._meter, None
+        meter, self._meter, self._append_mark = self._meter, None, None
         with self._lock:
             self._drain(meter.close(), collective=collective, final=True)
             self._note_meter(meter)
 
     def suspend(self) -> None:
-        """Between stages: stop measuring and close the stage's sink (bounded by ``delivery_timeout_s``)."""
+        """Between stages: stop measuring and close the stage's sink (bounded by ``delivery_timeout_s``).
+
+        The stage's ``power.png`` is usually still being drawn here: then a ``wattlog-finish`` thread puts
+        it into the primary sink and closes that sink (not a daemon thread: the interpreter waits for it
+        at exit), so the caller does not wait for the drawing. :meth:`open` and :meth:`close` wait for
+        it; so does strict mode, here, so that a failed chart raises to the caller.
+        """
         try:
             self.stop(collective=False)
         finally:
+            if self.ledger is not None:
+                self.ledger.trace.suspend()
+            sink, self.sink = self.sink, None
+            chart, self._chart = self._chart, None
+            primary, others = split_primary(sink)
             try:
-                self._collect_chart()
+                for other in others:  # the trainer's other loggers: closed here, on the caller's thread
+                    other.close(self.options.delivery_timeout_s)
             finally:
-                if self.ledger is not None:
-                    self.ledger.trace.suspend()
-                sink, self.sink = self.sink, None
-                if sink is not None:
-                    sink.close(self.options.delivery_timeout_s)
+                if chart is not None and primary is not None and not strict_mode():
+                    self._finishing = threading.Thread(target=self._finish, args=(chart, primary),
+                                                       name="wattlog-finish")
+                    self._finishing.start()
+                else:
+                    self._finish(chart, primary)
+
+    def wait_finished(self) -> None:
+        """Wait until the last stage's sink is closed (its chart drawn and delivered): see :meth:`suspend`."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            finishing.join()
 
     def close(self) -> None:
         """Suspend and release everything (the trace file is deleted); idempotent."""
@@ -213,6 +245,7 @@ class EnergySession:
         try:
             self.suspend()
         finally:
+            self.wait_finished()
             if self.ledger is not None:
                 self.ledger.trace.close()
 
@@ -227,6 +260,24 @@ class EnergySession:
         """The open train step ended and its metrics are logged at ``step``. O(1)."""
         if self._meter is not None:
             self._meter.mark(StepEnd(step), time_s)
+
+    @property
+    def mark_now(self) -> Callable[[Hashable], None]:
+        """The stage's ``mark(label)`` at the current time, bound once (hot paths fetch it per stage);
+        once the stage stops it drops what it is given."""
+        return self._meter.mark_now if self._meter is not None else _drop
+
+    def train_step_ended(self, step: int) -> None:
+        """:meth:`step_completed` now, then :meth:`log_step` at a logging boundary if the pump needs it
+        (start, or a failure to raise): the training loop's one call per optimizer step."""
+        append = self._append_mark
+        if append is None:
+            return
+        append((_perf_counter(), StepEnd(step)))
+        if (step - self.first_step + 1) % self.log_every == 0:
+            pump = self._pump
+            if pump is None or pump.error is not None:
+                self.log_step()
 
     def is_log_step(self, step: int) -> bool:
         return (step - self.first_step + 1) % self.log_every == 0
@@ -569,20 +620,25 @@ class EnergySession:
         estimated = ",".join(c.kind for c in self._choices if c.estimated) or None
         self._chart = ChartJob(self.ledger.trace.plot_rows(), estimated)  # collected when the sink closes
 
-    def _collect_chart(self) -> None:
-        """The stage's power.png into the sink before it closes; a failed chart degrades (and is tagged)."""
-        chart, self._chart = self._chart, None
-        if chart is None:
-            return
+    def _finish(self, chart: Any, sink: Any) -> None:
+        """Put the stage's power.png into ``sink`` (a failed chart degrades, and is tagged), then close it."""
+        try:
+            if chart is not None:
+                self._collect_chart(chart, sink)
+        finally:
+            if sink is not None:
+                sink.close(self.options.delivery_timeout_s)
+
+    def _collect_chart(self, chart: Any, sink: Any) -> None:
         try:
             path, exc = chart.collect(self.options.delivery_timeout_s)
-            if self.sink is None:
+            if sink is None:
                 return
             if exc is None:
-                self.sink.log_artifact(path, keys.ARTIFACT_DIR)
+                sink.log_artifact(path, keys.ARTIFACT_DIR)
             else:  # a chart must not fail the run (matplotlib missing or broken)
                 self._degrade(f"power.png skipped: {type(exc).__name__}: {exc}", exc)
-                self.sink.set_tags(self._tags())
+                sink.set_tags(self._tags())
         finally:
             chart.cleanup()
 

@@ -63,13 +63,17 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._target: run.RunTarget | None = None
         self._restored: dict[str, Any] | None = None
         self._cuda_marks: Any = None
+        self._mark_now: Any = None  # the stage's O(1) boundary call (the session's, or the CUDA marks'), None if off
+        self._plain_steps = False  # the stage's steps end on the host: no sync_cuda, no CUDA-event marks
+        self._counters: run.StepCounters | None = None  # the running fit's loop counters
         self._step_before = -1
         self._train_labels: dict[int, StepLabel] = {}  # by samples: one label object per batch size
         self._warned_no_run = False
         self._warned_samples = False
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn, deepcopy: the options, never a live session
-        return {**self.__dict__, "_session": None, "_owner": None, "_target": None, "_cuda_marks": None}
+        return {**self.__dict__, "_session": None, "_owner": None, "_target": None, "_cuda_marks": None,
+                "_mark_now": None, "_counters": None}
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -85,10 +89,12 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if self.options.idle_baseline_s > 0 and stage == "fit" and self._session.idle_power_w is None:
             self._session.measure_idle(self.options.idle_baseline_s)
         self._start_cuda_marks(trainer)
+        self._bind_stage()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._session is not None:
             self._apply_restored(trainer, fit=True)
+            self._counters = run.StepCounters(trainer)  # after the restore: the loop's counters as they run
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if run.stage_fn(trainer) == "validate":
@@ -127,32 +133,31 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._stop_cuda_marks()
+        self._counters = None  # it holds the trainer's loops
         if self._session is not None:
             self._session.suspend()
 
     # -- batches (training thread: microseconds) ---------------------------------------------
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.options.sync_cuda and self._session and self._session.is_log_step(run.logged_step(trainer)):
-            self._synchronize(trainer)
-        self._step_before = trainer.global_step
-        n = self._samples(batch)
-        label = self._train_labels.get(n)
-        if label is None:
-            label = self._train_labels.setdefault(n, StepLabel("train", None, n))
-        self._mark(label)
+        mark = self._mark_now
+        if mark is None:
+            return  # energy=off, or not set up
+        counters = self._counters or self._bind_counters(trainer)
+        if not self._plain_steps:
+            self._synchronize_if_due(trainer, counters.epoch_loop._batches_that_stepped)
+        self._step_before = counters.optimizer_steps.completed
+        n = self._count(batch) or self._no_samples(batch)
+        mark(self._train_labels.get(n) or self._train_label(n))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        session = self._session
-        if session is None or trainer.global_step == self._step_before:
-            return  # gradient accumulation: the optimizer step is not complete yet
-        step = run.logged_step(trainer)
-        due = session.is_log_step(step)
-        if due and self.options.sync_cuda:
-            self._synchronize(trainer)
-        self._mark(None, step)
-        if due:
-            session.log_step()
+        counters = self._counters
+        if counters is None or counters.optimizer_steps.completed == self._step_before:
+            return  # not measuring, or gradient accumulation: the optimizer step is not complete yet
+        if self._plain_steps:
+            self._session.train_step_ended(counters.epoch_loop._batches_that_stepped)  # type: ignore[union-attr]
+        else:
+            self._end_train_step_on_device(trainer, counters.epoch_loop._batches_that_stepped)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
@@ -217,12 +222,44 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             session.record_checkpoint(state, state.get("run_id"))
 
     def _samples(self, batch: Any) -> int:
-        n = self._count(batch)
-        if not n and not self._warned_samples:  # J/sample keys need it: say once how to fix it
+        return self._count(batch) or self._no_samples(batch)
+
+    def _no_samples(self, batch: Any) -> int:
+        if not self._warned_samples:  # J/sample keys need it: say once how to fix it
             self._warned_samples = True
             warnings.warn(f"wattlog: cannot count the samples in a batch of type {type(batch).__name__}; the "
-                          "J/sample keys are left out. Pass EnergyMonitor(batch_size_fn=...)", WattlogWarning, 2)
-        return n
+                          "J/sample keys are left out. Pass EnergyMonitor(batch_size_fn=...)", WattlogWarning, 3)
+        return 0
+
+    def _train_label(self, samples: int) -> StepLabel:
+        """One label object per batch size (a train batch's label is made once, not per step)."""
+        return self._train_labels.setdefault(samples, StepLabel("train", None, samples))
+
+    def _bind_counters(self, trainer: Any) -> run.StepCounters:
+        self._counters = run.StepCounters(trainer)  # a batch hook called without on_train_start (tests, loops)
+        return self._counters
+
+    def _bind_stage(self) -> None:
+        """The stage's hot-path calls, fixed once it is set up (its session and CUDA marks)."""
+        assert self._session is not None
+        self._mark_now = self._cuda_marks.mark if self._cuda_marks is not None else self._session.mark_now
+        self._plain_steps = self._cuda_marks is None and not self.options.sync_cuda
+
+    def _synchronize_if_due(self, trainer: Any, step: int) -> None:
+        if self.options.sync_cuda and self._session is not None and self._session.is_log_step(step):
+            self._synchronize(trainer)
+
+    def _end_train_step_on_device(self, trainer: Any, step: int) -> None:
+        """A train step ends with ``sync_cuda`` (synchronize at logging boundaries) or CUDA-event marks."""
+        session = self._session
+        if session is None:
+            return
+        due = session.is_log_step(step)
+        if due and self.options.sync_cuda:
+            self._synchronize(trainer)
+        self._mark(None, step)
+        if due:
+            session.log_step()
 
     def _mark(self, label: Any, step: int | None = None) -> None:
         if self._session is None:
@@ -254,6 +291,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             self._cuda_marks.start()
 
     def _stop_cuda_marks(self) -> None:
+        self._mark_now = None  # the stage is over: train batches mark nothing more
         if self._cuda_marks is not None:  # its queued boundaries reach the session first
             self._cuda_marks.stop()
             self._cuda_marks = None

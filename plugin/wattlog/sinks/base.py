@@ -268,3 +268,10 @@ class MultiSink:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def split_primary(sink: Any) -> tuple[Any, list[Any]]:
+    """``(primary, others)``: a :class:`MultiSink`'s first sink and the rest; any other sink alone."""
+    if isinstance(sink, MultiSink):
+        return sink.primary, sink.sinks[1:]
+    return sink, []

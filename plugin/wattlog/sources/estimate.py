@@ -103,18 +103,18 @@ def _cpu_power_table() -> tuple[tuple[str, float], ...]:
     return tuple(rows)
 
 
+_NAME_NOISE = re.compile(r"\((?:r|tm)\)|®|™|@\s*[\d.]+\s*[gm]hz|\b[a-z0-9]+-core\b|\b(?:processor|cpu)\b")
+_SPACES = re.compile(r"\s+")
+_TOKEN = re.compile(r"[a-z0-9+]+")
+
+
 def _normalise_cpu_name(name: str) -> str:
     """Lower-case model name without marks, clock, core-count suffix and filler words."""
-    s = name.lower()
-    s = re.sub(r"\((?:r|tm)\)|®|™", " ", s)
-    s = re.sub(r"@\s*[\d.]+\s*[gm]hz", " ", s)
-    s = re.sub(r"\b[a-z0-9]+-core\b", " ", s)
-    s = re.sub(r"\b(?:processor|cpu)\b", " ", s)
-    return re.sub(r"\s+", " ", s).strip()
+    return _SPACES.sub(" ", _NAME_NOISE.sub(" ", name.lower())).strip()
 
 
 def _tokens(normalised: str) -> frozenset[str]:
-    return frozenset(re.findall(r"[a-z0-9+]+", normalised))
+    return frozenset(_TOKEN.findall(normalised))
 
 
 def _has_digit(tokens: frozenset[str]) -> bool:
@@ -131,6 +131,7 @@ def _cpu_power_index() -> tuple[tuple[str, float, str, frozenset[str]], ...]:
     return tuple(rows)
 
 
+@functools.lru_cache(maxsize=16)
 def lookup_tdp_w(cpu_model: str) -> tuple[float, str] | None:
     """Per-package TDP of ``cpu_model`` from codecarbon's cpu_power.csv.
 
