@@ -33,3 +33,23 @@ def test_energy_monitor_is_lazy():
     code = "import sys, wattlog; assert 'lightning' not in sys.modules; wattlog.EnergyMonitor; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_preload_imports_only_wattlog_and_reads_no_proc_or_sys():
+    """EnergyMonitor(...) preloads the set-up's modules; that must stay free of frameworks and hardware."""
+    code = (
+        "import sys, builtins, os, json\n"
+        "opened = []\n"
+        "real_open, real_os_open = builtins.open, os.open\n"
+        "builtins.open = lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1]\n"
+        "os.open = lambda f, *a, **k: (opened.append(str(f)), real_os_open(f, *a, **k))[1]\n"
+        "from wattlog.session import preload\n"
+        "preload()\n"
+        f"print(json.dumps({{'mods': [m for m in {HEAVY + ['psutil']!r} if m in sys.modules], "
+        "'loaded': 'wattlog.sinks.mlflow' in sys.modules and 'wattlog.sources.nvml' in sys.modules, "
+        "'opened': opened}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["mods"] == [] and result["loaded"]
+    assert not [f for f in result["opened"] if f.startswith(("/sys", "/proc", "/dev"))]

@@ -288,19 +288,27 @@ def test_cuda_boundaries_mark_in_order_when_events_complete():
 
 
 def test_failing_chart_degrades_instead_of_killing_the_fit(mlflow_uri, tmp_path, monkeypatch):
-    import wattlog.plots
+    import wattlog.artifacts
     from mlflow import MlflowClient
 
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("backend exploded")
+    class BrokenChart:  # what ChartJob reports when its child process fails (e.g. no matplotlib there)
+        def __init__(self, rows, estimated):
+            pass
 
-    monkeypatch.setattr(wattlog.plots, "plot_power_trace", broken)
+        def collect(self, timeout_s):
+            return None, wattlog.artifacts.ChartError("ModuleNotFoundError: No module named 'matplotlib'")
+
+        def cleanup(self):
+            pass
+
+    monkeypatch.setattr(wattlog.artifacts, "ChartJob", BrokenChart)
     pl, module = make_module()
     monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="none", log_every_n_steps=1)
-    with pytest.warns(UserWarning, match="power.png skipped: RuntimeError: backend exploded"):
+    with pytest.warns(UserWarning, match="power.png skipped: ChartError: ModuleNotFoundError"):
         trainer, logger = _fit(pl, module, monitor, mlflow_uri, tmp_path, steps=4)
+        monitor._session.wait_finished()  # the chart is finished off the training thread
     assert trainer.global_step == 4
     client = MlflowClient(mlflow_uri)
     assert {a.path for a in client.list_artifacts(logger.run_id, "energy")} == {"energy/trace.csv"}

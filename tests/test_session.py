@@ -249,18 +249,45 @@ def _stage(session: EnergySession, steps: int = 3) -> None:
     session.end_stage(step=steps)
 
 
+class _Chart:
+    """A ChartJob double: ``release`` (an Event) holds its drawing; ``error`` makes it fail."""
+
+    release: threading.Event | None = None
+    error: BaseException | None = None
+
+    def __init__(self, rows, estimated) -> None:
+        import tempfile
+
+        self._dir = tempfile.mkdtemp()
+
+    def collect(self, timeout_s):
+        if self.release is not None:
+            self.release.wait(30)
+        if self.error is not None:
+            return None, self.error
+        path = f"{self._dir}/{keys.POWER_PNG}"
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n")
+        return path, None
+
+    def cleanup(self) -> None:
+        import shutil
+
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 def test_the_chart_is_finished_off_the_caller_and_the_next_stage_waits_for_it(gpu, monkeypatch):
     """Outside strict mode, suspend() hands power.png and the sink's close to a thread: the caller
     does not wait for the drawing; the next stage's open() does, so stages never overlap."""
-    import wattlog.plots
+    import wattlog.artifacts
 
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
     release = threading.Event()
-    real = wattlog.plots.plot_power_trace
-    monkeypatch.setattr(wattlog.plots, "plot_power_trace", lambda *a, **k: (release.wait(30), real(*a, **k))[1])
+    monkeypatch.setattr(_Chart, "release", release)
+    monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
     session, first = _session()
     _stage(session)
-    session.suspend()  # returns although the chart is blocked
+    session.suspend()  # returns although the chart is held
     finishing = [t for t in threading.enumerate() if t.name == "wattlog-finish"]
     assert finishing and not finishing[0].daemon  # the interpreter waits for it at exit
     assert not first.closed and keys.TRACE_CSV in [a[0] for a in first.artifacts]
@@ -276,18 +303,15 @@ def test_the_chart_is_finished_off_the_caller_and_the_next_stage_waits_for_it(gp
 
 
 def test_a_chart_failing_on_the_finishing_thread_is_warned_and_tagged(gpu, monkeypatch):
-    import wattlog.plots
+    import wattlog.artifacts
     from wattlog.errors import WattlogWarning
 
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("backend exploded")
-
-    monkeypatch.setattr(wattlog.plots, "plot_power_trace", broken)
+    monkeypatch.setattr(_Chart, "error", wattlog.artifacts.ChartError("RuntimeError: backend exploded"))
+    monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
     session, sink = _session()
     _stage(session)
-    with pytest.warns(WattlogWarning, match="power.png skipped: RuntimeError: backend exploded"):
+    with pytest.warns(WattlogWarning, match="power.png skipped: ChartError: RuntimeError: backend exploded"):
         session.suspend()
         session.wait_finished()
     assert sink.closed and "power.png skipped" in str(sink.tags[keys.T_DEGRADED])
@@ -295,14 +319,24 @@ def test_a_chart_failing_on_the_finishing_thread_is_warned_and_tagged(gpu, monke
 
 
 def test_strict_mode_finishes_the_chart_on_the_caller(gpu, monkeypatch):
-    import wattlog.plots
+    import wattlog.artifacts
     from wattlog.errors import SourceError
 
     monkeypatch.setenv("WATTLOG_STRICT", "1")
-    monkeypatch.setattr(wattlog.plots, "plot_power_trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    monkeypatch.setattr(_Chart, "error", wattlog.artifacts.ChartError("no"))
+    monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
     session, sink = _session()
     _stage(session)
     with pytest.raises(SourceError, match="power.png skipped"):
         session.suspend()
     assert sink.closed  # closed although the chart failed
     session.close()
+
+
+def test_a_real_chart_reaches_the_sink(gpu, monkeypatch):
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    session, sink = _session()
+    _stage(session)
+    session.close()
+    png = [a for a in sink.artifacts if a[0] == keys.POWER_PNG]
+    assert sink.closed and png and png[0][2][:8] == b"\x89PNG\r\n\x1a\n"

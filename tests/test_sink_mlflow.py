@@ -935,13 +935,13 @@ def test_a_script_that_ends_right_after_its_last_stage_still_delivers_the_chart(
         import pytest
         from fakes.nvml import FakeGpu, FakeNvml
         FakeNvml([FakeGpu(power_w=400.0)]).install(pytest.MonkeyPatch())
-        import wattlog.plots
+        import wattlog.artifacts
         from wattlog.ledger import StepLabel
         from wattlog.options import MonitorOptions
         from wattlog.session import EnergySession
         from wattlog.sinks.mlflow import MlflowSink
-        real = wattlog.plots.plot_power_trace
-        wattlog.plots.plot_power_trace = lambda *a, **k: (time.sleep(1.0), real(*a, **k))[1]  # a slow chart
+        real = wattlog.artifacts.ChartJob.collect
+        wattlog.artifacts.ChartJob.collect = lambda self, t: (time.sleep(1.0), real(self, t))[1]  # a slow chart
         session = EnergySession(MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none"), gpus=[0])
         session.open(MlflowSink({run_id!r}, {uri!r}, spool_dir={str(tmp_path / "spool")!r}))
         for step in range(5):

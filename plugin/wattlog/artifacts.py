@@ -1,25 +1,34 @@
-"""The power chart of a stage, rendered off the training thread.
+"""The power chart of a stage, drawn in a short-lived child process (``python -m wattlog.artifacts``).
 
-:class:`ChartJob` draws ``energy/power.png`` (:func:`wattlog.plots.plot_power_trace`, a
-``matplotlib.figure.Figure`` on the Agg canvas: no pyplot state, safe outside the main thread) on a
-daemon thread from rows taken on the caller's thread; the session collects it when the stage's sink
-closes, so matplotlib's import and the drawing overlap the end-of-stage delivery wait instead of
-adding to it.
+:class:`ChartJob` writes the stage's plot rows to a JSON file and starts a child that draws
+``energy/power.png`` with :func:`wattlog.plots.plot_power_trace` (a ``matplotlib.figure.Figure`` on
+the Agg canvas). A process, not a thread: matplotlib's import and the drawing take about a second of
+CPU with the GIL held, and in a thread they slowed what the training process does next (Lightning's
+own end of fit, the next stage). The session starts the job when a stage is suspended and collects
+it on its ``wattlog-finish`` thread (see :meth:`wattlog.session.EnergySession.suspend`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 from typing import Any
 
 from wattlog import keys
 
+ROWS_JSON = "rows.json"
+
+
+class ChartError(RuntimeError):
+    """The chart process failed; the message ends with the last line it wrote to stderr."""
+
 
 class ChartJob:
-    """Render the power chart of ``rows`` on a background thread.
+    """Draw the power chart of ``rows`` in a child process.
 
     Args:
         rows: :meth:`wattlog.ledger.TraceLog.plot_rows` (taken by the caller, so the trace may change after).
@@ -28,27 +37,48 @@ class ChartJob:
 
     def __init__(self, rows: list[dict[str, object]], estimated: str | None) -> None:
         self._dir = tempfile.mkdtemp(prefix="wattlog-chart-")
-        self._path: Any = None
-        self._error: BaseException | None = None
-        rows = [dict(r) for r in rows]  # the trace goes on changing in the next stage
-        self._thread = threading.Thread(target=self._run, args=(rows, estimated), name="wattlog-chart", daemon=True)
-        self._thread.start()
-
-    def _run(self, rows: list[dict[str, object]], estimated: str | None) -> None:
-        try:
-            from wattlog import plots
-
-            self._path = plots.plot_power_trace(rows, os.path.join(self._dir, keys.POWER_PNG), estimated=estimated)
-        except Exception as exc:  # noqa: BLE001 - reported by collect(): a chart must not fail the run
-            self._error = exc
+        self._png = os.path.join(self._dir, keys.POWER_PNG)
+        rows_path = os.path.join(self._dir, ROWS_JSON)
+        with open(rows_path, "w", encoding="utf-8") as f:
+            json.dump({"rows": rows, "estimated": estimated}, f)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "wattlog.artifacts", rows_path, self._png],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "MPLBACKEND": "Agg"})
 
     def collect(self, timeout_s: float | None) -> tuple[str | None, BaseException | None]:
         """Wait (at most ``timeout_s``) for the chart: ``(path, None)`` or ``(None, the error)``."""
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
+        try:
+            _out, err = self._proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.communicate()
             return None, TimeoutError(f"not drawn within {timeout_s} s")
-        return (str(self._path), None) if self._error is None else (None, self._error)
+        if self._proc.returncode == 0 and os.path.isfile(self._png):
+            return self._png, None
+        lines = (err or b"").decode("utf-8", "replace").strip().splitlines()
+        return None, ChartError(lines[-1] if lines else f"the chart process exited with {self._proc.returncode}")
 
     def cleanup(self) -> None:
-        """Delete the chart's temporary folder (after the sink has copied the file)."""
+        """Stop the child if it still runs and delete the temporary folder (after the sink copied the file)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m wattlog.artifacts ROWS_JSON PNG``: draw the chart (what :class:`ChartJob` runs)."""
+    rows_path, png = (sys.argv[1:] if argv is None else argv)[:2]
+    if hasattr(os, "nice"):
+        os.nice(10)  # behind the training for the CPU, like the delivery process
+    with open(rows_path, encoding="utf-8") as f:
+        job: dict[str, Any] = json.load(f)
+    from wattlog import plots
+
+    plots.plot_power_trace(job["rows"], png, estimated=job.get("estimated"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

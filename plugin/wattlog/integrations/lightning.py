@@ -33,7 +33,7 @@ from wattlog.errors import ConfigError, WattlogWarning, degrade
 from wattlog.integrations import lightning_run as run
 from wattlog.ledger import StepLabel
 from wattlog.options import MonitorOptions
-from wattlog.session import EnergySession
+from wattlog.session import EnergySession, preload
 
 
 class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
@@ -57,6 +57,8 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             raise ConfigError("fit_stage", fit_stage, "a lowercase name other than val/test/predict, e.g. 'recover'")
         self.fit_stage = str(fit_stage)
         self.options = MonitorOptions.from_kwargs(**options)
+        if self.options.enabled:
+            preload()  # imports only: the fit's set-up then starts measuring sooner
         self._count = self.options.count_samples()
         self._session: EnergySession | None = None
         self._owner: tuple[Any, Any] | None = None  # (weakref to the trainer, run id or local folder)

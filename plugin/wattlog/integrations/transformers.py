@@ -61,6 +61,10 @@ class EnergyCallback(TrainerCallback):
 
     def __init__(self, **options: Any) -> None:
         self.options = MonitorOptions.from_kwargs(**options)
+        if self.options.enabled:
+            from wattlog.session import preload
+
+            preload()  # imports only: the first stage's set-up then starts measuring sooner
         self._loop: LoopEnergy | None = None
         self._training = False
         self._standalone: str | None = None  # "val"/"predict": a standalone evaluate()/predict() is measured
