@@ -89,6 +89,7 @@ def test_credentials_never_leak_through_the_whole_callback(tmp_path, template_db
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             trainer.fit(quiet_module(step_sleep_s=0.05), loader(120))  # the end of fit waits for delivery
+            monitor._session.wait_finished()  # ... and power.png follows off the training thread
         texts = [str(w.message) for w in rec if issubclass(w.category, WattlogWarning)]
         assert not [t for t in texts if "wattlog sync" in t], texts  # everything was delivered
         assert cmdlines and "wattlog.sinks.deliver" in cmdlines[0]

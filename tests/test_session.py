@@ -302,15 +302,21 @@ def test_the_chart_is_finished_off_the_caller_and_the_next_stage_waits_for_it(gp
     assert not [t for t in threading.enumerate() if t.name.startswith("wattlog-")]
 
 
-def test_a_chart_failing_on_the_finishing_thread_is_warned_and_tagged(gpu, monkeypatch):
+def _stage_with_failing_chart(monkeypatch, message: str) -> tuple[EnergySession, MemorySink]:
     import wattlog.artifacts
-    from wattlog.errors import WattlogWarning
 
-    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
-    monkeypatch.setattr(_Chart, "error", wattlog.artifacts.ChartError("RuntimeError: backend exploded"))
+    monkeypatch.setattr(_Chart, "error", wattlog.artifacts.ChartError(message))
     monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
     session, sink = _session()
     _stage(session)
+    return session, sink
+
+
+def test_a_chart_failing_on_the_finishing_thread_is_warned_and_tagged(gpu, monkeypatch):
+    from wattlog.errors import WattlogWarning
+
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    session, sink = _stage_with_failing_chart(monkeypatch, "RuntimeError: backend exploded")
     with pytest.warns(WattlogWarning, match="power.png skipped: ChartError: RuntimeError: backend exploded"):
         session.suspend()
         session.wait_finished()
@@ -319,14 +325,10 @@ def test_a_chart_failing_on_the_finishing_thread_is_warned_and_tagged(gpu, monke
 
 
 def test_strict_mode_finishes_the_chart_on_the_caller(gpu, monkeypatch):
-    import wattlog.artifacts
     from wattlog.errors import SourceError
 
     monkeypatch.setenv("WATTLOG_STRICT", "1")
-    monkeypatch.setattr(_Chart, "error", wattlog.artifacts.ChartError("no"))
-    monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
-    session, sink = _session()
-    _stage(session)
+    session, sink = _stage_with_failing_chart(monkeypatch, "no")
     with pytest.raises(SourceError, match="power.png skipped"):
         session.suspend()
     assert sink.closed  # closed although the chart failed
