@@ -4,8 +4,8 @@
 ``energy/power.png`` with :func:`wattlog.plots.plot_power_trace` (a ``matplotlib.figure.Figure`` on
 the Agg canvas). A process, not a thread: matplotlib's import and the drawing take about a second of
 CPU with the GIL held, and in a thread they slowed what the training process does next (Lightning's
-own end of fit, the next stage). The session starts the job when a stage is suspended and collects
-it on its ``wattlog-finish`` thread (see :meth:`wattlog.session.EnergySession.suspend`).
+own end of fit, the next stage). :func:`draw_into` runs one job into a sink; the session calls it on
+its ``wattlog-finish`` thread once a stage is suspended (see :meth:`wattlog.session.EnergySession.suspend`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,27 @@ class ChartJob:
             self._proc.kill()
             self._proc.communicate()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def draw_into(sink: Any, rows: list[dict[str, object]], estimated: str | None,
+              timeout_s: float | None) -> BaseException | None:
+    """Draw the chart of ``rows`` (at most ``timeout_s``) and log it into ``sink`` under ``energy/``.
+
+    Returns:
+        None when the chart is in the sink, else why it is not (the caller applies the failure policy).
+    """
+    job = None
+    try:
+        job = ChartJob(rows, estimated)
+        path, error = job.collect(timeout_s)
+        if error is None:
+            sink.log_artifact(path, keys.ARTIFACT_DIR)
+        return error
+    except OSError as exc:  # no process or temporary folder: skipped like a failed chart
+        return exc
+    finally:
+        if job is not None:
+            job.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

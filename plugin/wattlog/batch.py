@@ -79,8 +79,9 @@ class SampleCounter:
     """:func:`count_samples` for one loop: it remembers where the first batch of each type held its
     array-like, and of which type that was, and reads later batches there first (a lookup or two and
     ``shape[0]``: well under a microsecond, instead of a walk; not ``len()``, which is Python code on a
-    torch tensor), walking again whenever that place holds something else. (A mapping whose keys come in another order than in the first batch is still read
-    at the first batch's key: the entries of one batch share their leading dimension in practice.)"""
+    torch tensor), walking again whenever that place holds something else. (A mapping whose keys come
+    in another order than in the first batch is still read at the first batch's key: the entries of
+    one batch share their leading dimension in practice.)"""
 
     def __init__(self) -> None:
         self._paths: dict[type, tuple[Callable[[Any], Any] | None, type]] = {}

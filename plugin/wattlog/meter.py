@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -198,11 +198,6 @@ class EnergyMeter:
     def mark_now(self, label: Hashable) -> None:
         """``mark(label)`` at the current time: the hot path's version (one append, no branch)."""
         self._marks.append((_perf_counter(), label))
-
-    def appender(self) -> Callable[[tuple[float, Hashable]], None]:
-        """The C-level append of ``(time.perf_counter(), label)`` boundaries, for the hottest paths; a
-        caller drops it at :meth:`close` (what it appends after that is never read)."""
-        return self._marks.append
 
     def drain(self) -> list[Segment]:
         """Return the segments completed since the last call whose end the sampler has covered.

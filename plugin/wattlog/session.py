@@ -62,9 +62,6 @@ SHORT_RUN_RESOLUTIONS = 2
 (its total then rests on one or two samples of an estimate's utilisation, and per-step values on none)."""
 
 
-_perf_counter = time.perf_counter
-
-
 def preload() -> None:
     """Import wattlog's modules that a stage's set-up needs (the meter, the sources, the pump, the sinks,
     the carbon tables' reader): no hardware, ``/proc`` or ``/sys`` is read. Adapters call it when they
@@ -154,7 +151,7 @@ class EnergySession:
         self._chart: Any = None  # the stage's power.png (rows, estimated kinds), drawn by _finish()
         self._finishing: threading.Thread | None = None  # closes the last stage's sink once its chart is in
         self._pump: Any = None  # the stage's wattlog.pump.Pump, started by the first log_step()
-        self._append_mark: Any = None  # the stage's meter.appender(): train_step_ended's one append
+        self._mark_now: Callable[[Hashable], None] = _drop  # the stage's meter.mark_now, _drop when not measuring
         self._lock = threading.RLock()  # meter drains, aggregator, ledger and sink: pump vs training thread
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -188,7 +185,7 @@ class EnergySession:
                 raise
             self.sink = sink
         self._meter, self._drained_j = meter, {}
-        self._append_mark = meter.appender()
+        self._mark_now = meter.mark_now
         kinds = {self._prefix + d.name: d.kind for d in domains}
         if self.ledger is None:
             self._init_ledger(kinds)
@@ -214,7 +211,7 @@ class EnergySession:
         if self._meter is None:
             return
         collective = self._stop_pump(collective)
-        meter, self._meter, self._append_mark = self._meter, None, None
+        meter, self._meter, self._mark_now = self._meter, None, _drop
         with self._lock:
             self._drain(meter.close(), collective=collective, final=True)
             self._note_meter(meter)
@@ -224,8 +221,8 @@ class EnergySession:
 
         The stage's ``power.png`` is drawn from here on (after the stage end's flush): a ``wattlog-finish``
         thread puts it into the primary sink once drawn and closes that sink (not a daemon thread: the
-        interpreter waits for it at exit), so the caller does not wait for the drawing. :meth:`open` and :meth:`close` wait for
-        it; so does strict mode, here, so that a failed chart raises to the caller.
+        interpreter waits for it at exit), so the caller does not wait for the drawing. :meth:`open` and
+        :meth:`close` wait for it; so does strict mode, here, so that a failed chart raises to the caller.
         """
         try:
             self.stop(collective=False)
@@ -280,15 +277,14 @@ class EnergySession:
     def mark_now(self) -> Callable[[Hashable], None]:
         """The stage's ``mark(label)`` at the current time, bound once (hot paths fetch it per stage);
         once the stage stops it drops what it is given."""
-        return self._meter.mark_now if self._meter is not None else _drop
+        return self._mark_now
 
     def train_step_ended(self, step: int) -> None:
         """:meth:`step_completed` now, then :meth:`log_step` at a logging boundary if the pump needs it
         (start, or a failure to raise): the training loop's one call per optimizer step."""
-        append = self._append_mark
-        if append is None:
+        if self._meter is None:
             return
-        append((_perf_counter(), StepEnd(step)))
+        self._mark_now(StepEnd(step))
         if (step - self.first_step + 1) % self.log_every == 0:
             pump = self._pump
             if pump is None or pump.error is not None:
@@ -638,29 +634,15 @@ class EnergySession:
         chart degrades, and is tagged), then close the sink."""
         try:
             if chart is not None and sink is not None:
-                self._draw_chart(chart, sink)
+                from wattlog.artifacts import draw_into
+
+                error = draw_into(sink, *chart, self.options.delivery_timeout_s)
+                if error is not None:  # a chart must not fail the run (matplotlib missing or broken)
+                    self._degrade(f"power.png skipped: {type(error).__name__}: {error}", error)
+                    sink.set_tags(self._tags())
         finally:
             if sink is not None:
                 sink.close(self.options.delivery_timeout_s)
-
-    def _draw_chart(self, rows_estimated: tuple[list[dict[str, object]], str | None], sink: Any) -> None:
-        from wattlog.artifacts import ChartJob
-
-        chart = None
-        try:
-            chart = ChartJob(*rows_estimated)  # a child process: matplotlib never loads in this one
-            path, exc = chart.collect(self.options.delivery_timeout_s)
-        except OSError as error:  # no process or temporary folder: the chart is skipped like a failed one
-            path, exc = None, error
-        try:
-            if exc is None:
-                sink.log_artifact(path, keys.ARTIFACT_DIR)
-            else:  # a chart must not fail the run (matplotlib missing or broken)
-                self._degrade(f"power.png skipped: {type(exc).__name__}: {exc}", exc)
-                sink.set_tags(self._tags())
-        finally:
-            if chart is not None:
-                chart.cleanup()
 
     def _note_meter(self, meter: Any) -> None:
         for reason in meter.degraded:
