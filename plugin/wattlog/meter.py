@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -198,6 +198,13 @@ class EnergyMeter:
     def mark_now(self, label: Hashable) -> None:
         """``mark(label)`` at the current time: the hot path's version (one append, no branch)."""
         self._marks.append((_perf_counter(), label))
+
+    @property
+    def append_boundary(self) -> Callable[[tuple[float, Hashable]], None]:
+        """The boundary queue's own ``append``: ``append((time.perf_counter(), label))`` is :meth:`mark_now`
+        without a Python call, for the hottest paths. Times must not decrease; after :meth:`close` what
+        it appends is never read."""
+        return self._marks.append
 
     def drain(self) -> list[Segment]:
         """Return the segments completed since the last call whose end the sampler has covered.

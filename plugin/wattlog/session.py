@@ -49,6 +49,8 @@ from wattlog.options import MonitorOptions
 from wattlog.sinks.base import split_primary
 from wattlog.sinks.spool import Point
 
+_perf_counter = time.perf_counter
+
 __all__ = ["Collectives", "EnergySession", "StepEnd", "StepLabel"]
 
 DRAIN_INTERVAL_S = 0.25
@@ -77,8 +79,8 @@ def preload() -> None:
             pass
 
 
-def _drop(label: Hashable) -> None:
-    """``mark_now`` of a session that is not measuring."""
+def _drop(item: Any) -> None:
+    """``mark_now`` and ``append_boundary`` of a session that is not measuring."""
 
 
 class Collectives(Protocol):
@@ -152,6 +154,7 @@ class EnergySession:
         self._finishing: threading.Thread | None = None  # closes the last stage's sink once its chart is in
         self._pump: Any = None  # the stage's wattlog.pump.Pump, started by the first log_step()
         self._mark_now: Callable[[Hashable], None] = _drop  # the stage's meter.mark_now, _drop when not measuring
+        self._append: Callable[[tuple[float, Hashable]], None] = _drop  # the stage's meter.append_boundary
         self._lock = threading.RLock()  # meter drains, aggregator, ledger and sink: pump vs training thread
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -185,7 +188,7 @@ class EnergySession:
                 raise
             self.sink = sink
         self._meter, self._drained_j = meter, {}
-        self._mark_now = meter.mark_now
+        self._mark_now, self._append = meter.mark_now, meter.append_boundary
         kinds = {self._prefix + d.name: d.kind for d in domains}
         if self.ledger is None:
             self._init_ledger(kinds)
@@ -211,7 +214,7 @@ class EnergySession:
         if self._meter is None:
             return
         collective = self._stop_pump(collective)
-        meter, self._meter, self._mark_now = self._meter, None, _drop
+        meter, self._meter, self._mark_now, self._append = self._meter, None, _drop, _drop
         with self._lock:
             self._drain(meter.close(), collective=collective, final=True)
             self._note_meter(meter)
@@ -279,12 +282,19 @@ class EnergySession:
         once the stage stops it drops what it is given."""
         return self._mark_now
 
+    @property
+    def append_boundary(self) -> Callable[[tuple[float, Hashable]], None]:
+        """The stage's :attr:`wattlog.meter.EnergyMeter.append_boundary` (``append((perf_counter(),
+        label))``: :meth:`mark` without a Python call), bound once per stage; once the stage stops it
+        drops what it is given."""
+        return self._append
+
     def train_step_ended(self, step: int) -> None:
         """:meth:`step_completed` now, then :meth:`log_step` at a logging boundary if the pump needs it
         (start, or a failure to raise): the training loop's one call per optimizer step."""
         if self._meter is None:
             return
-        self._mark_now(StepEnd(step))
+        self._append((_perf_counter(), StepEnd(step)))
         if (step - self.first_step + 1) % self.log_every == 0:
             pump = self._pump
             if pump is None or pump.error is not None:

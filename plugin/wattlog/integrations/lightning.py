@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import warnings
 import weakref
+from time import perf_counter
 from typing import Any
 
 from wattlog.errors import ConfigError, WattlogWarning, degrade
@@ -66,16 +67,19 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._restored: dict[str, Any] | None = None
         self._cuda_marks: Any = None
         self._mark_now: Any = None  # the stage's O(1) boundary call (the session's, or the CUDA marks'), None if off
-        self._plain_steps = False  # the stage's steps end on the host: no sync_cuda, no CUDA-event marks
+        self._append_mark: Any = None  # steps that end on the host (no sync_cuda, no CUDA-event marks): the
+        # session's append_boundary; None otherwise
+        self._step_ended: Any = None  # the session's train_step_ended
         self._counters: run.StepCounters | None = None  # the running fit's loop counters
-        self._step_before = -1
+        self._step_before = -1  # optimizer steps completed when the open train batch started
+        self._logged_step = 0  # the step at which Lightning logs the open train batch's metrics
         self._train_labels: dict[int, StepLabel] = {}  # by samples: one label object per batch size
         self._warned_no_run = False
         self._warned_samples = False
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn, deepcopy: the options, never a live session
         return {**self.__dict__, "_session": None, "_owner": None, "_target": None, "_cuda_marks": None,
-                "_mark_now": None, "_counters": None}
+                "_mark_now": None, "_append_mark": None, "_step_ended": None, "_counters": None}
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -96,7 +100,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._session is not None:
             self._apply_restored(trainer, fit=True)
-            self._counters = run.StepCounters(trainer)  # after the restore: the loop's counters as they run
+            self._bind_counters(trainer)  # after the restore: the loop's counters as they run
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if run.stage_fn(trainer) == "validate":
@@ -140,26 +144,31 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             self._session.suspend()
 
     # -- batches (training thread: microseconds) ---------------------------------------------
+    # A train step's end is marked when the next batch starts (or at the next other boundary: validation,
+    # the stage's end): the time between a step's last hook and the next batch belongs to that step
+    # anyway (StepAggregator), so attribution is the same, with one hook call per step instead of two.
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        mark = self._mark_now
-        if mark is None:
-            return  # energy=off, or not set up
+        append = self._append_mark
+        if append is None:  # energy=off, not set up, or steps that end on the device
+            if self._mark_now is not None:
+                self._train_batch_start_on_device(trainer, batch)
+            return
         counters = self._counters or self._bind_counters(trainer)
-        if not self._plain_steps:
-            self._synchronize_if_due(trainer, counters.epoch_loop._batches_that_stepped)
-        self._step_before = counters.optimizer_steps.completed
+        completed = counters.optimizer_steps.completed
+        if completed != self._step_before:  # the last batch ended an optimizer step: its end is now
+            self._step_before = completed
+            self._step_ended(self._logged_step)
+        self._logged_step = counters.epoch_loop._batches_that_stepped
         n = self._count(batch) or self._no_samples(batch)
-        mark(self._train_labels.get(n) or self._train_label(n))
+        append((perf_counter(), self._train_labels.get(n) or self._train_label(n)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        counters = self._counters
-        if counters is None or counters.optimizer_steps.completed == self._step_before:
-            return  # not measuring, or gradient accumulation: the optimizer step is not complete yet
-        if self._plain_steps:
-            self._session.train_step_ended(counters.epoch_loop._batches_that_stepped)  # type: ignore[union-attr]
-        else:
-            self._end_train_step_on_device(trainer, counters.epoch_loop._batches_that_stepped)
+        if self._mark_now is not None and self._append_mark is None:  # sync_cuda or CUDA-event marks
+            counters = self._counters or self._bind_counters(trainer)
+            if counters.optimizer_steps.completed != self._step_before:
+                self._step_before = counters.optimizer_steps.completed
+                self._end_train_step_on_device(trainer, counters.epoch_loop._batches_that_stepped)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
@@ -238,14 +247,20 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         return self._train_labels.setdefault(samples, StepLabel("train", None, samples))
 
     def _bind_counters(self, trainer: Any) -> run.StepCounters:
-        self._counters = run.StepCounters(trainer)  # a batch hook called without on_train_start (tests, loops)
-        return self._counters
+        """The fit's loop counters (also for a batch hook called without ``on_train_start``: tests, loops)."""
+        self._counters = counters = run.StepCounters(trainer)
+        self._step_before = counters.optimizer_steps.completed  # no step of this fit has ended yet
+        return counters
 
     def _bind_stage(self) -> None:
-        """The stage's hot-path calls, fixed once it is set up (its session and CUDA marks)."""
-        assert self._session is not None
-        self._mark_now = self._cuda_marks.mark if self._cuda_marks is not None else self._session.mark_now
-        self._plain_steps = self._cuda_marks is None and not self.options.sync_cuda
+        """The stage's hot-path calls, fixed once it is set up: steps that end on the host append their
+        boundaries to the session's queue; with ``sync_cuda`` or CUDA-event marks they go through those."""
+        session = self._session
+        assert session is not None
+        self._mark_now = self._cuda_marks.mark if self._cuda_marks is not None else session.mark_now
+        plain = self._cuda_marks is None and not self.options.sync_cuda
+        self._append_mark = session.append_boundary if plain else None
+        self._step_ended = session.train_step_ended
 
     def _synchronize_if_due(self, trainer: Any, step: int) -> None:
         if self.options.sync_cuda and self._session is not None and self._session.is_log_step(step):
@@ -263,9 +278,25 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if due:
             session.log_step()
 
+    def _end_pending_step(self) -> None:
+        """Mark the end of the last train batch's optimizer step, if it completed and is not yet marked."""
+        counters = self._counters
+        if counters is not None and self._append_mark is not None and (
+                counters.optimizer_steps.completed != self._step_before):
+            self._step_before = counters.optimizer_steps.completed
+            self._step_ended(self._logged_step)
+
+    def _train_batch_start_on_device(self, trainer: Any, batch: Any) -> None:
+        counters = self._counters or self._bind_counters(trainer)
+        self._step_before = counters.optimizer_steps.completed
+        self._synchronize_if_due(trainer, counters.epoch_loop._batches_that_stepped)
+        n = self._count(batch) or self._no_samples(batch)
+        self._mark_now(self._train_labels.get(n) or self._train_label(n))
+
     def _mark(self, label: Any, step: int | None = None) -> None:
         if self._session is None:
             return
+        self._end_pending_step()
         if self._cuda_marks is not None:
             self._cuda_marks.mark(label, step)
         elif step is None:
@@ -274,6 +305,8 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             self._session.step_completed(step)
 
     def _end_stage(self, trainer: Any, collective: bool = True) -> None:
+        if self._session is not None and self._session.measuring:
+            self._end_pending_step()
         self._stop_cuda_marks()
         if self._session is not None and self._session.measuring:
             self._session.end_stage(int(trainer.global_step), collective=collective)
@@ -293,7 +326,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             self._cuda_marks.start()
 
     def _stop_cuda_marks(self) -> None:
-        self._mark_now = None  # the stage is over: train batches mark nothing more
+        self._mark_now = self._append_mark = None  # the stage is over: train batches mark nothing more
         if self._cuda_marks is not None:  # its queued boundaries reach the session first
             self._cuda_marks.stop()
             self._cuda_marks = None
