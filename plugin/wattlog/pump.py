@@ -28,11 +28,14 @@ class Pump:
         account: records of every rank, as ``exchange`` returned them (called on the pump thread).
         exchange: every rank's :data:`Round`, in rank order, for this rank's round (identity in one process).
         interval_s: the time between two rounds.
+        on_error: called on the pump thread once it has kept an exception (for :meth:`check` to raise).
     """
 
     def __init__(self, take: Callable[[], list[Any]], account: Callable[[list[Any]], None],
-                 exchange: Callable[[Round], list[Round]] | None = None, interval_s: float = 0.25) -> None:
+                 exchange: Callable[[Round], list[Round]] | None = None, interval_s: float = 0.25,
+                 on_error: Callable[[], None] | None = None) -> None:
         self._take = take
+        self._on_error = on_error
         self._account = account
         self._exchange = exchange or (lambda payload: [payload])
         self.interval_s = interval_s
@@ -71,3 +74,5 @@ class Pump:
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by check()/stop()
             self.error = exc
+            if self._on_error is not None:
+                self._on_error()

@@ -64,11 +64,12 @@ SHORT_RUN_RESOLUTIONS = 2
 (its total then rests on one or two samples of an estimate's utilisation, and per-step values on none)."""
 
 
-def preload() -> None:
+def preload(cpu: str = "auto") -> None:
     """Import wattlog's modules that a stage's set-up needs (the meter, the sources, the pump, the sinks,
-    the carbon tables' reader): no hardware, ``/proc`` or ``/sys`` is read. Adapters call it when they
-    are constructed, so that a first stage's set-up starts measuring sooner (~50 ms of imports).
-    psutil is left to the first stage: its import reads ``/proc/stat``."""
+    the carbon tables' reader) and, when the CPU may be estimated (``cpu`` is ``auto`` or ``estimate``),
+    index the CPU TDP table (a package data file): no hardware, ``/proc`` or ``/sys`` is read. Adapters
+    call it when they are constructed, so that a first stage's set-up starts measuring sooner (~50 ms of
+    imports, ~15 ms of table). psutil is left to the first stage: its import reads ``/proc/stat``."""
     import importlib
 
     for module in ("wattlog.meter", "wattlog.pump", "wattlog.carbon", "wattlog.sources.nvml",
@@ -77,6 +78,10 @@ def preload() -> None:
             importlib.import_module(module)
         except ImportError:  # an optional dependency: its source says so when it is asked for
             pass
+    if cpu in ("auto", "estimate"):
+        from wattlog.sources.estimate import preload_tdp_table
+
+        preload_tdp_table()
 
 
 def _drop(item: Any) -> None:
@@ -153,6 +158,8 @@ class EnergySession:
         self._chart: Any = None  # the stage's power.png (rows, estimated kinds), drawn by _finish()
         self._finishing: threading.Thread | None = None  # closes the last stage's sink once its chart is in
         self._pump: Any = None  # the stage's wattlog.pump.Pump, started by the first log_step()
+        self.awaits_log_step = True  # hot paths call log_step() at a boundary only while this is True: no pump
+        # started yet for the stage, or the pump kept an exception for the training thread
         self._mark_now: Callable[[Hashable], None] = _drop  # the stage's meter.mark_now, _drop when not measuring
         self._append: Callable[[tuple[float, Hashable]], None] = _drop  # the stage's meter.append_boundary
         self._lock = threading.RLock()  # meter drains, aggregator, ledger and sink: pump vs training thread
@@ -290,15 +297,12 @@ class EnergySession:
         return self._append
 
     def train_step_ended(self, step: int) -> None:
-        """:meth:`step_completed` now, then :meth:`log_step` at a logging boundary if the pump needs it
-        (start, or a failure to raise): the training loop's one call per optimizer step."""
-        if self._meter is None:
-            return
+        """:meth:`step_completed` now, then :meth:`log_step` at a logging boundary if it is awaited
+        (:attr:`awaits_log_step`: the pump's start, or a failure to raise): the training loop's one call
+        per optimizer step."""
         self._append((_perf_counter(), StepEnd(step)))
-        if (step - self.first_step + 1) % self.log_every == 0:
-            pump = self._pump
-            if pump is None or pump.error is not None:
-                self.log_step()
+        if self.awaits_log_step and self.is_log_step(step):
+            self.log_step()
 
     def is_log_step(self, step: int) -> bool:
         return (step - self.first_step + 1) % self.log_every == 0
@@ -311,12 +315,17 @@ class EnergySession:
         pumps' rounds are collectives); a stage with no logging boundary gathers once, at its end.
         """
         if self._pump is not None:
+            self.awaits_log_step = False
             self._checked(self._pump.check)
         elif self._meter is not None:
             from wattlog.pump import Pump
 
             self._pump = Pump(self._take, self._account, self._exchange_round if self.world_size > 1 else None,
-                              DRAIN_INTERVAL_S).start()
+                              DRAIN_INTERVAL_S, on_error=self._pump_failed).start()
+            self.awaits_log_step = False
+
+    def _pump_failed(self) -> None:
+        self.awaits_log_step = True  # the next logging boundary raises it (pump thread)
 
     def drain(self, collective: bool = False) -> None:
         """Account every resolved record and log the points that are due.
@@ -492,6 +501,7 @@ class EnergySession:
     def _stop_pump(self, collective: bool) -> bool:
         """Wait for the pump's last round; whether the final drain may still run a collective."""
         pump, self._pump = self._pump, None
+        self.awaits_log_step = True
         if pump is None:
             return collective
         timeout_s = self.options.collective_timeout_s + PUMP_STOP_MARGIN_S if self.world_size > 1 else 30.0

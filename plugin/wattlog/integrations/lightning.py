@@ -32,7 +32,7 @@ from typing import Any
 
 from wattlog.errors import ConfigError, WattlogWarning, degrade
 from wattlog.integrations import lightning_run as run
-from wattlog.ledger import StepLabel
+from wattlog.ledger import StepEnd, StepLabel
 from wattlog.options import MonitorOptions
 from wattlog.session import EnergySession, preload
 
@@ -59,7 +59,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self.fit_stage = str(fit_stage)
         self.options = MonitorOptions.from_kwargs(**options)
         if self.options.enabled:
-            preload()  # imports only: the fit's set-up then starts measuring sooner
+            preload(self.options.cpu)  # imports only: the fit's set-up then starts measuring sooner
         self._count = self.options.count_samples()
         self._session: EnergySession | None = None
         self._owner: tuple[Any, Any] | None = None  # (weakref to the trainer, run id or local folder)
@@ -70,6 +70,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._append_mark: Any = None  # steps that end on the host (no sync_cuda, no CUDA-event marks): the
         # session's append_boundary; None otherwise
         self._step_ended: Any = None  # the session's train_step_ended
+        self._device_steps = False  # the stage's steps end on the device (sync_cuda or CUDA-event marks)
         self._counters: run.StepCounters | None = None  # the running fit's loop counters
         self._step_before = -1  # optimizer steps completed when the open train batch started
         self._logged_step = 0  # the step at which Lightning logs the open train batch's metrics
@@ -157,14 +158,17 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         counters = self._counters or self._bind_counters(trainer)
         completed = counters.optimizer_steps.completed
         if completed != self._step_before:  # the last batch ended an optimizer step: its end is now
-            self._step_before = completed
-            self._step_ended(self._logged_step)
+            self._step_before, step = completed, self._logged_step
+            append((perf_counter(), StepEnd(step)))  # session.train_step_ended, inlined: the hottest path
+            session = self._session
+            if session.awaits_log_step and session.is_log_step(step):  # type: ignore[union-attr]
+                session.log_step()  # type: ignore[union-attr]  # the pump's start, or what it raised
         self._logged_step = counters.epoch_loop._batches_that_stepped
         n = self._count(batch) or self._no_samples(batch)
         append((perf_counter(), self._train_labels.get(n) or self._train_label(n)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._mark_now is not None and self._append_mark is None:  # sync_cuda or CUDA-event marks
+        if self._device_steps:  # sync_cuda or CUDA-event marks
             counters = self._counters or self._bind_counters(trainer)
             if counters.optimizer_steps.completed != self._step_before:
                 self._step_before = counters.optimizer_steps.completed
@@ -260,6 +264,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._mark_now = self._cuda_marks.mark if self._cuda_marks is not None else session.mark_now
         plain = self._cuda_marks is None and not self.options.sync_cuda
         self._append_mark = session.append_boundary if plain else None
+        self._device_steps = not plain
         self._step_ended = session.train_step_ended
 
     def _synchronize_if_due(self, trainer: Any, step: int) -> None:
@@ -327,6 +332,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def _stop_cuda_marks(self) -> None:
         self._mark_now = self._append_mark = None  # the stage is over: train batches mark nothing more
+        self._device_steps = False
         if self._cuda_marks is not None:  # its queued boundaries reach the session first
             self._cuda_marks.stop()
             self._cuda_marks = None

@@ -64,7 +64,7 @@ class EnergyCallback(TrainerCallback):
         if self.options.enabled:
             from wattlog.session import preload
 
-            preload()  # imports only: the first stage's set-up then starts measuring sooner
+            preload(self.options.cpu)  # imports only: the first stage's set-up then starts measuring sooner
         self._loop: LoopEnergy | None = None
         self._training = False
         self._standalone: str | None = None  # "val"/"predict": a standalone evaluate()/predict() is measured

@@ -131,6 +131,15 @@ def _cpu_power_index() -> tuple[tuple[str, float, str, frozenset[str]], ...]:
     return tuple(rows)
 
 
+def preload_tdp_table() -> None:
+    """Index cpu_power.csv now (once per process), so that the first :func:`lookup_tdp_w` is a lookup; a
+    missing table is left for that lookup to report."""
+    try:
+        _cpu_power_index()
+    except (OSError, ValueError):
+        pass
+
+
 @functools.lru_cache(maxsize=16)
 def lookup_tdp_w(cpu_model: str) -> tuple[float, str] | None:
     """Per-package TDP of ``cpu_model`` from codecarbon's cpu_power.csv.
