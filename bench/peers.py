@@ -159,12 +159,16 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
             ("training-thread time in the tool's per-step calls, us/step (median step)",
              lambda r, b: r.get("hook_step_median_us", r["hook_step_us"]), "{:.0f}"),
             ("training-thread time in the tool's per-step calls, us/step (mean)", lambda r, b: r["hook_step_us"], "{:.0f}"),
+            ("  the timer's own floor: two empty hooks timed the same way, us/step (median step)",
+             lambda r, b: r.get("empty_hooks_step_median_us", 0.0), "{:.0f}"),
             ("extra process CPU per step, ms", lambda r, b: r["cpu_ms_per_step"] - b["cpu_ms_per_step"], "{:+.2f}"),
             ("  of which main thread, ms", lambda r, b: r["main_cpu_ms_per_step"] - b["main_cpu_ms_per_step"],
              "{:+.2f}"),
             ("CPU of child processes per step, ms", lambda r, b: r["children_cpu_ms_per_step"], "{:.2f}"),
             ("fixed cost per fit on the training thread, s", lambda r, b: r["fixed_s"], "{:.3f}"),
             ("share of trainer.fit() wall time measured", lambda r, b: r["coverage"], "{:.3f}"),
+            ("share of the callbacks' span (first setup to last teardown) measured",
+             lambda r, b: r.get("coverage_of_callbacks", r["coverage"]), "{:.3f}"),
         ]
         for title, fn, fmt in figures:
             lines.append(f"| {title} | " + " | ".join(spread(col(c, fn), fmt) for c, _, _ in fit_cfgs) + " |")
@@ -186,7 +190,10 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
     lines += ["Notes: training-thread time is wall time inside the tool's calls on the training thread (hooks, "
               "begin/end_window, start/stop_task); the fixed cost is the same outside the steps (set-up, end of "
               "fit, tracker start/stop). Coverage: the span the tool measures over trainer.fit()'s wall time "
-              "(1 for tools started before fit and stopped after it). MLflow system metrics read "
+              "(1 for tools started before fit and stopped after it); the callbacks' span is what any Lightning callback "
+              f"can reach, from the first callback's setup to the last one's teardown (no tool: "
+              f"{spread([r.get('callbacks_share_of_fit', 1.0) for r in fits if r['tool'] == 'none'])} of fit(); the rest is "
+              "Lightning before setup and after teardown, with the MLFlowLogger's finalize). MLflow system metrics read "
               "nvmlDeviceGetPowerUsage (a 1-s average) every second, never the counter.", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
