@@ -235,7 +235,12 @@ def run_fit(tool: str, steps_n: int, uri: str, root: str) -> dict:
         if tracker is not None:
             clock.wrap(tracker.stop, step=False)()
         t_fit1 = time.perf_counter()
-        cpu1, main1, kids1 = time.process_time(), time.thread_time(), os.times()
+        cpu1, main1 = time.process_time(), time.thread_time()
+        for cb in cbs:  # wattlog's delivery and chart processes end after fit() (wattlog-finish): count them
+            session = getattr(cb, "_session", None)
+            if session is not None:
+                session.wait_finished()
+        kids1 = os.times()
     n = max(steps.n, 1)
     fit_s = t_in1 - t_in0
     if tool in ("zeus_fit", "codecarbon_fit", "codecarbon_tasks", "mlflow"):
