@@ -221,3 +221,32 @@ def test_a_pump_failure_degrades_in_production_and_raises_in_strict_mode(gpu, mo
         assert sink.history(keys.STEP_J)[-1][0] == 11
         assert "pump thread failed" in sink.tags[keys.T_DEGRADED]
 
+
+
+def test_the_hot_path_awaits_a_log_step_only_to_start_the_pump_or_raise_its_failure(gpu, monkeypatch) -> None:
+    """train_step_ended() calls log_step() only while awaits_log_step: before the pump starts, and after it
+    failed, so that strict mode still raises the pump's failure at the next logging boundary."""
+    from wattlog.errors import WattlogError
+
+    monkeypatch.setenv("WATTLOG_STRICT", "1")
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none", log_every_n_steps=1)
+    session = EnergySession(opts, gpus=[0], log_every_n_steps=1)
+    sink = FailsOnce()
+    session.open(sink)
+    assert session.awaits_log_step  # nothing started yet
+    raised: list[BaseException] = []
+    waits: list[bool] = []
+    for step in range(12):
+        session.mark(StepLabel("train", None, 4))
+        time.sleep(0.05)
+        try:
+            session.train_step_ended(step)
+        except WattlogError as exc:
+            raised.append(exc)
+        waits.append(session.awaits_log_step)
+    session.mark(StepLabel("other"))
+    session.end_stage(step=12)
+    session.close()
+    assert waits[0] is False  # the first boundary started the pump
+    assert sink.failed and raised and "disk full" in str(raised[0].__cause__)
+    assert session.awaits_log_step  # a stopped session awaits the next stage's first boundary
