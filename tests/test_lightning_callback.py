@@ -313,3 +313,23 @@ def test_failing_chart_degrades_instead_of_killing_the_fit(mlflow_uri, tmp_path,
     client = MlflowClient(mlflow_uri)
     assert {a.path for a in client.list_artifacts(logger.run_id, "energy")} == {"energy/trace.csv"}
     assert "power.png skipped" in client.get_run(logger.run_id).data.tags["energy.degraded"]
+
+
+@pytest.mark.parametrize("sync_cuda", [False, True])
+def test_step_ends_on_the_host_and_with_sync_cuda_give_the_same_steps(mlflow_uri, tmp_path, sync_cuda):
+    """A host step's end is marked at the next batch start (or at validation, or the stage end); with
+    sync_cuda it is marked in on_train_batch_end. Both log one point per optimizer step, at Lightning's
+    steps, with the accumulated batches' samples, and the step energies add up to the train total."""
+    from mlflow import MlflowClient
+
+    pl, module = make_module(step_sleep_s=0.01)
+    monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1, sync_cuda=sync_cuda,
+                            artifacts=False)
+    trainer, logger = _fit(pl, module, monitor, mlflow_uri, tmp_path, 12, accumulate_grad_batches=2,
+                           log_every_n_steps=1, enable_progress_bar=False)
+    steps = [m.step for m in metric_history(mlflow_uri, logger.run_id, "energy/step_j")]
+    assert steps == [m.step for m in metric_history(mlflow_uri, logger.run_id, "train_loss")] == list(range(12))
+    metrics = MlflowClient(mlflow_uri).get_run(logger.run_id).data.metrics
+    step_j = sum(m.value for m in metric_history(mlflow_uri, logger.run_id, "energy/step_j"))
+    assert step_j == pytest.approx(metrics["energy/train_j"], rel=1e-6)
+    assert metrics["energy/j_per_sample"] == pytest.approx(metrics["energy/train_j"] / (12 * 2 * 4), rel=1e-6)  # 2 batches of 4

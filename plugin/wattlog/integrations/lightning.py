@@ -69,7 +69,6 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._mark_now: Any = None  # the stage's O(1) boundary call (the session's, or the CUDA marks'), None if off
         self._append_mark: Any = None  # steps that end on the host (no sync_cuda, no CUDA-event marks): the
         # session's append_boundary; None otherwise
-        self._step_ended: Any = None  # the session's train_step_ended
         self._device_steps = False  # the stage's steps end on the device (sync_cuda or CUDA-event marks)
         self._counters: run.StepCounters | None = None  # the running fit's loop counters
         self._step_before = -1  # optimizer steps completed when the open train batch started
@@ -80,7 +79,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn, deepcopy: the options, never a live session
         return {**self.__dict__, "_session": None, "_owner": None, "_target": None, "_cuda_marks": None,
-                "_mark_now": None, "_append_mark": None, "_step_ended": None, "_counters": None}
+                "_mark_now": None, "_append_mark": None, "_counters": None}
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -168,11 +167,10 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         append((perf_counter(), self._train_labels.get(n) or self._train_label(n)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._device_steps:  # sync_cuda or CUDA-event marks
-            counters = self._counters or self._bind_counters(trainer)
-            if counters.optimizer_steps.completed != self._step_before:
-                self._step_before = counters.optimizer_steps.completed
-                self._end_train_step_on_device(trainer, counters.epoch_loop._batches_that_stepped)
+        counters = self._counters  # sync_cuda or CUDA-event marks: the step ends here, on the device
+        if self._device_steps and counters is not None and counters.optimizer_steps.completed != self._step_before:
+            self._step_before = counters.optimizer_steps.completed
+            self._end_train_step_on_device(trainer, counters.epoch_loop._batches_that_stepped)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
@@ -265,7 +263,6 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         plain = self._cuda_marks is None and not self.options.sync_cuda
         self._append_mark = session.append_boundary if plain else None
         self._device_steps = not plain
-        self._step_ended = session.train_step_ended
 
     def _synchronize_if_due(self, trainer: Any, step: int) -> None:
         if self.options.sync_cuda and self._session is not None and self._session.is_log_step(step):
@@ -289,7 +286,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if counters is not None and self._append_mark is not None and (
                 counters.optimizer_steps.completed != self._step_before):
             self._step_before = counters.optimizer_steps.completed
-            self._step_ended(self._logged_step)
+            self._session.train_step_ended(self._logged_step)  # type: ignore[union-attr]
 
     def _train_batch_start_on_device(self, trainer: Any, batch: Any) -> None:
         counters = self._counters or self._bind_counters(trainer)
