@@ -31,7 +31,6 @@ from wattlog.sampler import Sampler, Trace
 from wattlog.sources.base import Domain, EnergySource
 
 DEFAULT_SAMPLE_INTERVAL_S = 0.02
-_perf_counter = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ class EnergyMeter:
         self.mark("__end__", end_s)
         segments = self.drain()
         self.end_s = end_s
-        self._marks = deque(maxlen=0)  # a late mark() or mark_now() is dropped, never kept
+        self._marks = deque(maxlen=0)  # a late mark() or append_boundary() is dropped, never kept
         return segments
 
     # -- boundaries and segments -----------------------------------------------------------
@@ -195,13 +194,9 @@ class EnergyMeter:
         """
         self._marks.append((time.perf_counter() if time_s is None else time_s, label))
 
-    def mark_now(self, label: Hashable) -> None:
-        """``mark(label)`` at the current time: the hot path's version (one append, no branch)."""
-        self._marks.append((_perf_counter(), label))
-
     @property
     def append_boundary(self) -> Callable[[tuple[float, Hashable]], None]:
-        """The boundary queue's own ``append``: ``append((time.perf_counter(), label))`` is :meth:`mark_now`
+        """The boundary queue's own ``append``: ``append((time.perf_counter(), label))`` is ``mark(label)``
         without a Python call, for the hottest paths. Times must not decrease; after :meth:`close` what
         it appends is never read."""
         return self._marks.append

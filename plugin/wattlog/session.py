@@ -85,7 +85,7 @@ def preload(cpu: str = "auto") -> None:
 
 
 def _drop(item: Any) -> None:
-    """``mark_now`` and ``append_boundary`` of a session that is not measuring."""
+    """``append_boundary`` of a session that is not measuring."""
 
 
 class Collectives(Protocol):
@@ -160,7 +160,6 @@ class EnergySession:
         self._pump: Any = None  # the stage's wattlog.pump.Pump, started by the first log_step()
         self.awaits_log_step = True  # hot paths call log_step() at a boundary only while this is True: no pump
         # started yet for the stage, or the pump kept an exception for the training thread
-        self._mark_now: Callable[[Hashable], None] = _drop  # the stage's meter.mark_now, _drop when not measuring
         self._append: Callable[[tuple[float, Hashable]], None] = _drop  # the stage's meter.append_boundary
         self._lock = threading.RLock()  # meter drains, aggregator, ledger and sink: pump vs training thread
 
@@ -195,7 +194,7 @@ class EnergySession:
                 raise
             self.sink = sink
         self._meter, self._drained_j = meter, {}
-        self._mark_now, self._append = meter.mark_now, meter.append_boundary
+        self._append = meter.append_boundary
         kinds = {self._prefix + d.name: d.kind for d in domains}
         if self.ledger is None:
             self._init_ledger(kinds)
@@ -221,7 +220,7 @@ class EnergySession:
         if self._meter is None:
             return
         collective = self._stop_pump(collective)
-        meter, self._meter, self._mark_now, self._append = self._meter, None, _drop, _drop
+        meter, self._meter, self._append = self._meter, None, _drop
         with self._lock:
             self._drain(meter.close(), collective=collective, final=True)
             self._note_meter(meter)
@@ -282,12 +281,6 @@ class EnergySession:
         """The open train step ended and its metrics are logged at ``step``. O(1)."""
         if self._meter is not None:
             self._meter.mark(StepEnd(step), time_s)
-
-    @property
-    def mark_now(self) -> Callable[[Hashable], None]:
-        """The stage's ``mark(label)`` at the current time, bound once (hot paths fetch it per stage);
-        once the stage stops it drops what it is given."""
-        return self._mark_now
 
     @property
     def append_boundary(self) -> Callable[[tuple[float, Hashable]], None]:

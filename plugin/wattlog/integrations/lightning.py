@@ -66,10 +66,11 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._target: run.RunTarget | None = None
         self._restored: dict[str, Any] | None = None
         self._cuda_marks: Any = None
-        self._mark_now: Any = None  # the stage's O(1) boundary call (the session's, or the CUDA marks'), None if off
-        self._append_mark: Any = None  # steps that end on the host (no sync_cuda, no CUDA-event marks): the
-        # session's append_boundary; None otherwise
-        self._device_steps = False  # the stage's steps end on the device (sync_cuda or CUDA-event marks)
+        # the stage's train-batch boundaries, one of the two set while a stage measures: steps that end on
+        # the host append to the session's append_boundary; with sync_cuda or CUDA-event marks steps end on
+        # the device, through _device_mark (the CUDA marks' mark, or the session's)
+        self._append_mark: Any = None
+        self._device_mark: Any = None
         self._counters: run.StepCounters | None = None  # the running fit's loop counters
         self._step_before = -1  # optimizer steps completed when the open train batch started
         self._logged_step = 0  # the step at which Lightning logs the open train batch's metrics
@@ -79,7 +80,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn, deepcopy: the options, never a live session
         return {**self.__dict__, "_session": None, "_owner": None, "_target": None, "_cuda_marks": None,
-                "_mark_now": None, "_append_mark": None, "_counters": None}
+                "_append_mark": None, "_device_mark": None, "_counters": None}
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -151,7 +152,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         append = self._append_mark
         if append is None:  # energy=off, not set up, or steps that end on the device
-            if self._mark_now is not None:
+            if self._device_mark is not None:
                 self._train_batch_start_on_device(trainer, batch)
             return
         counters = self._counters or self._bind_counters(trainer)
@@ -168,7 +169,9 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         counters = self._counters  # sync_cuda or CUDA-event marks: the step ends here, on the device
-        if self._device_steps and counters is not None and counters.optimizer_steps.completed != self._step_before:
+        if self._device_mark is None or counters is None:
+            return
+        if counters.optimizer_steps.completed != self._step_before:
             self._step_before = counters.optimizer_steps.completed
             self._end_train_step_on_device(trainer, counters.epoch_loop._batches_that_stepped)
 
@@ -259,10 +262,11 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         boundaries to the session's queue; with ``sync_cuda`` or CUDA-event marks they go through those."""
         session = self._session
         assert session is not None
-        self._mark_now = self._cuda_marks.mark if self._cuda_marks is not None else session.mark_now
-        plain = self._cuda_marks is None and not self.options.sync_cuda
-        self._append_mark = session.append_boundary if plain else None
-        self._device_steps = not plain
+        if self._cuda_marks is None and not self.options.sync_cuda:
+            self._append_mark, self._device_mark = session.append_boundary, None
+        else:
+            self._append_mark = None
+            self._device_mark = self._cuda_marks.mark if self._cuda_marks is not None else session.mark
 
     def _synchronize_if_due(self, trainer: Any, step: int) -> None:
         if self.options.sync_cuda and self._session is not None and self._session.is_log_step(step):
@@ -293,7 +297,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._step_before = counters.optimizer_steps.completed
         self._synchronize_if_due(trainer, counters.epoch_loop._batches_that_stepped)
         n = self._count(batch) or self._no_samples(batch)
-        self._mark_now(self._train_labels.get(n) or self._train_label(n))
+        self._device_mark(self._train_labels.get(n) or self._train_label(n))
 
     def _mark(self, label: Any, step: int | None = None) -> None:
         if self._session is None:
@@ -328,8 +332,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             self._cuda_marks.start()
 
     def _stop_cuda_marks(self) -> None:
-        self._mark_now = self._append_mark = None  # the stage is over: train batches mark nothing more
-        self._device_steps = False
+        self._append_mark = self._device_mark = None  # the stage is over: train batches mark nothing more
         if self._cuda_marks is not None:  # its queued boundaries reach the session first
             self._cuda_marks.stop()
             self._cuda_marks = None
