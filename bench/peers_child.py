@@ -61,8 +61,8 @@ class Clock:
 GPU_WAIT_S = 0.02
 """Each fit step: ~5 ms of CPU (a small MLP) plus 20 ms waiting, like a GPU-bound step (~25 ms)."""
 STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end")
-FIXED_HOOKS = ("setup", "on_fit_start", "on_train_start", "on_train_end", "on_fit_end", "teardown",
-               "on_validation_start", "on_validation_end", "on_exception")
+FIXED_HOOKS = ("setup", "on_fit_start", "on_train_start", "on_train_epoch_start", "on_train_end", "on_fit_end",
+               "teardown", "on_validation_start", "on_validation_end", "on_exception")
 
 
 def instrument(callback, clock: Clock):

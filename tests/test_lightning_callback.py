@@ -315,6 +315,51 @@ def test_failing_chart_degrades_instead_of_killing_the_fit(mlflow_uri, tmp_path,
     assert "power.png skipped" in client.get_run(logger.run_id).data.tags["energy.degraded"]
 
 
+@pytest.mark.parametrize("reshaped", ["no", "transfer_hook", "collate"])
+def test_samples_are_predicted_only_where_torch_builds_every_batch(mlflow_uri, tmp_path, reshaped):
+    """A plain loader's full batches are not looked at (the hot path's count is its batch size, checked
+    every 64th batch); its epoch's last, partial batch is counted. A batch-transfer hook or a collate_fn
+    that may change a batch's size makes every batch counted."""
+    import torch
+    from mlflow import MlflowClient
+    from lightning.pytorch.loggers import MLFlowLogger
+    from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+    pl, module = make_module()
+    if reshaped == "transfer_hook":  # e.g. augmentation on the device: two views of each sample
+        module.on_after_batch_transfer = lambda batch, idx: [torch.cat([t, t]) for t in batch]
+    x = torch.randn(10, 8)
+    collate = (lambda items: [torch.cat([t, t]) for t in default_collate(items)]) if reshaped == "collate" else None
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4, collate_fn=collate)  # 4, 4, 2
+    monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1, artifacts=False)
+    logger = MLFlowLogger(experiment_name="t", tracking_uri=mlflow_uri)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[monitor], logger=logger, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                         accelerator="cpu", log_every_n_steps=1)
+    trainer.fit(module, data)
+    assert (monitor._batch_size, monitor._full_batches) == ((4, 2) if reshaped == "no" else (0, 0))
+    metrics = MlflowClient(mlflow_uri).get_run(logger.run_id).data.metrics
+    samples = 3 * 10 * (1 if reshaped == "no" else 2)
+    assert metrics["energy/j_per_sample"] == pytest.approx(metrics["energy/train_j"] / samples, rel=1e-6)
+    assert [m.step for m in metric_history(mlflow_uri, logger.run_id, "energy/step_j")] == list(range(9))
+
+
+def test_a_predicted_batch_size_that_a_check_contradicts_is_dropped_with_a_warning():
+    from wattlog.errors import WattlogWarning
+
+    monitor = EnergyMonitor(gpus="none", cpu="none", ram="estimate")
+    monitor._batch_size, monitor._full_batches = 4, 1000
+    assert monitor._train_samples([FakeTensor(4)], 0) == 4  # batch 0: checked, as predicted
+    with pytest.warns(WattlogWarning, match="train batch 64 holds 5 samples, not the loader's batch size 4"):
+        assert monitor._train_samples([FakeTensor(5)], 64) == 5
+    assert (monitor._batch_size, monitor._full_batches) == (0, 0)  # every batch is counted from now on
+
+
+class FakeTensor:
+    def __init__(self, n: int) -> None:
+        self.shape = (n, 8)
+
+
 @pytest.mark.parametrize("sync_cuda", [False, True])
 def test_step_ends_on_the_host_and_with_sync_cuda_give_the_same_steps(mlflow_uri, tmp_path, sync_cuda):
     """A host step's end is marked at the next batch start (or at validation, or the stage end); with

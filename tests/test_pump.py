@@ -224,8 +224,8 @@ def test_a_pump_failure_degrades_in_production_and_raises_in_strict_mode(gpu, mo
 
 
 def test_the_hot_path_awaits_a_log_step_only_to_start_the_pump_or_raise_its_failure(gpu, monkeypatch) -> None:
-    """train_step_ended() calls log_step() only while awaits_log_step: before the pump starts, and after it
-    failed, so that strict mode still raises the pump's failure at the next logging boundary."""
+    """train_batch_started() calls log_step() only while awaits_log_step: before the pump starts, and after
+    it failed, so that strict mode still raises the pump's failure at the next train batch."""
     from wattlog.errors import WattlogError
 
     monkeypatch.setenv("WATTLOG_STRICT", "1")
@@ -237,13 +237,12 @@ def test_the_hot_path_awaits_a_log_step_only_to_start_the_pump_or_raise_its_fail
     raised: list[BaseException] = []
     waits: list[bool] = []
     for step in range(12):
-        session.mark(StepLabel("train", None, 4))
-        time.sleep(0.05)
         try:
-            session.train_step_ended(step)
+            session.train_batch_started(step, 4)
         except WattlogError as exc:
             raised.append(exc)
         waits.append(session.awaits_log_step)
+        time.sleep(0.05)
     session.mark(StepLabel("other"))
     session.end_stage(step=12)
     session.close()

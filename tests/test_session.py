@@ -51,6 +51,50 @@ def test_accumulated_micro_batches_are_one_step_with_their_energy(gpu):
     assert last[keys.stage_j_per_sample("train")] == pytest.approx(last[keys.stage_j("train")] / (5 * 4 * 8))
 
 
+def test_train_batches_that_carry_their_logged_step_number_steps_where_the_counter_changes(gpu):
+    """train_batch_started(logged_step, samples), the Lightning hot path's one record per batch: gradient
+    accumulation repeats a logged step, and a step ends where the counter changes (here at the next step's
+    first batch, and for the last step at the stage end's counter report)."""
+    session, sink = _session()
+    starts = []
+    for step in range(5):
+        starts.append(time.perf_counter())
+        for _micro in range(4):
+            session.train_batch_started(step, 8)
+            time.sleep(0.04)
+            session.drain()  # a drain inside a step must not see a partial record
+    starts.append(time.perf_counter())
+    session.append_boundary((starts[-1], (5, None)))  # the counter at the stage's end: step 4 ended
+    session.end_stage(step=5)
+    session.close()
+
+    assert _steps(sink, keys.STEP_J) == [0, 1, 2, 3, 4]
+    for (step, step_j), t0, t1 in zip(sink.history(keys.STEP_J), starts, starts[1:]):
+        assert step_j == pytest.approx(POWER_W * (t1 - t0), rel=0.10), step
+    last = sink.last()
+    assert last[keys.stage_j_per_sample("train")] == pytest.approx(last[keys.stage_j("train")] / (5 * 4 * 8))
+
+
+def test_the_aggregator_numbers_train_batches_by_their_counter():
+    from wattlog.ledger import StepAggregator
+    from wattlog.meter import Segment
+
+    labels = [(0, 4), (0, 4), (1, 4), (2, None), StepLabel("val", 2, 3), (2, None), (2, 4), (2, 4), (2, None),
+              StepLabel("other"), (3, None)]
+    segments = [Segment(label, float(i), float(i + 1), {"gpu0": 1.0}) for i, label in enumerate(labels)]
+    agg = StepAggregator()
+    records = agg.add(segments) + agg.finish()
+    got = [(r.stage, r.step, r.samples, r.total_j) for r in records]
+    assert got == [
+        ("train", 0, 8, 2.0),  # two micro-batches; numbered when the counter moved to 1
+        ("train", 1, 4, 2.0),  # numbered by the report (validation: the loop is about to count it), gap merged
+        ("val", 2, 3, 1.0),
+        ("other", -1, 0, 1.0),  # a report with no open train batch
+        ("train", -1, 8, 3.0),  # not ended by the next report (same counter): left unnumbered, as before
+        ("other", -1, 0, 2.0),
+    ]
+
+
 def test_drain_from_another_thread_sees_no_partial_step(gpu):
     """A background drain racing the training thread gets complete, numbered records only."""
     session, sink = _session()

@@ -10,8 +10,10 @@ rank, keeps the running totals and turns each training step into the contract's 
 
 Step attribution: a train step's record runs from the start of its first (micro-)batch to the start
 of the next step's first batch, so records telescope and gradient accumulation gives one record per
-optimizer step. The step number arrives as an ordered :class:`StepEnd` event in the same stream as
-the boundaries, so a record is emitted only once it is complete and numbered.
+optimizer step. The step number arrives in the same ordered stream as the boundaries, so a record is
+emitted only once it is complete and numbered: either as a :class:`StepEnd` event, or (the Lightning
+callback's hot path) in each train batch's own label, ``(logged_step, samples)``: see
+:class:`StepAggregator`.
 
 Memory stays bounded however long the run: the per-step rows of ``energy/trace.csv`` go to a
 :class:`TraceLog` (an unlinked temporary file written as the run goes, plus a decimated copy of at
@@ -112,18 +114,30 @@ class StepRecord:
         return cls(**d)  # type: ignore[arg-type]
 
 
+TrainBatch = tuple
+"""A train batch's label on the hot path: the plain tuple ``(logged_step, samples)`` (see :class:`StepAggregator`)."""
+
+
 class StepAggregator:
     """Merge consecutive segments with the same (stage, step) into step records (one process).
 
     A record is emitted when a segment of another step follows it, so no step is emitted while
     it may still grow (gradient accumulation runs several batches per optimizer step).
+
+    Labels: a :class:`StepLabel` starts a batch of its stage, and a :class:`StepEnd` numbers the open train
+    record. A :data:`TrainBatch` tuple ``(logged_step, samples)`` starts a train batch and carries the loop's
+    counter of logged steps as the batch starts: when it differs from the open train record's, that record's
+    optimizer step has ended and is numbered with the record's own ``logged_step``; when it is the same, the
+    batch is another micro-batch of the same step. ``(logged_step, None)`` reports the counter at another
+    boundary (validation, the stage's end) without starting a batch.
     """
 
     def __init__(self, domain_prefix: str = "", rank: int = 0) -> None:
         self._prefix = domain_prefix
         self._rank = rank
         self._current: StepRecord | None = None
-        self._numbered = False  # the current train record got its StepEnd
+        self._numbered = False  # the current train record got its step number
+        self._logged: int | None = None  # the open train record's logged_step, when its batches carry one
 
     def add(self, segments: Iterable[Segment]) -> list[StepRecord]:
         done: list[StepRecord] = []
@@ -132,7 +146,23 @@ class StepAggregator:
             energy = {self._prefix + k: v for k, v in seg.energy_j.items()}
             wall_s = seg.duration_s if self._rank == 0 else 0.0
             cur = self._current
-            if isinstance(label, StepEnd):
+            if type(label) is tuple:
+                logged, samples = label
+                if cur is not None and cur.stage == "train" and not self._numbered and self._logged is not None:
+                    if logged != self._logged:  # its optimizer step ended at this boundary
+                        cur.step, self._numbered = self._logged, True
+                    if samples is None or not self._numbered:  # a counter report, or a micro-batch
+                        self._merge(cur, seg, energy, wall_s, samples or 0)
+                        continue
+                if samples is None:  # no open train batch to number
+                    stage, step, samples = "other", -1, 0
+                else:
+                    if cur is not None:
+                        done.append(cur)
+                    self._current = StepRecord("train", -1, seg.start_s, seg.end_s, energy, samples, 1, wall_s)
+                    self._numbered, self._logged = False, logged
+                    continue
+            elif isinstance(label, StepEnd):
                 if cur is not None and cur.stage == "train" and not self._numbered:
                     cur.step = label.step  # the gap after the step (logging, next fetch) is the step's
                     self._numbered = True
@@ -151,7 +181,7 @@ class StepAggregator:
             if cur is not None:
                 done.append(cur)
             self._current = StepRecord(stage, step, seg.start_s, seg.end_s, energy, samples, 1, wall_s)
-            self._numbered = False
+            self._numbered, self._logged = False, None
         return done
 
     @staticmethod

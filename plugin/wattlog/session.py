@@ -3,9 +3,10 @@
 Every integration (Lightning, Hugging Face, Fabric, plain loops) is a thin adapter over this class.
 It imports no torch, lightning, mlflow or hydra. The training thread calls:
 
-- :meth:`mark` when a batch starts and :meth:`step_completed` when an optimizer step ends: O(1)
-  appends to the meter's boundary deque, in one ordered stream, so a drain at any time sees either
-  no record for a step or a complete one;
+- :meth:`mark` when a batch starts and :meth:`step_completed` when an optimizer step ends, or
+  :meth:`train_batch_started` alone for loops that count their logged steps: O(1) appends to the
+  meter's boundary deque, in one ordered stream, so a drain at any time sees either no record for a
+  step or a complete one;
 - :meth:`log_step` at logging boundaries: the first starts the stage's :class:`~wattlog.pump.Pump`, which
   drains resolved records into points and appends them to the sink off the training thread (under DDP it
   also runs the collective that gathers every rank's records, so none runs on the training thread);
@@ -144,6 +145,7 @@ class EnergySession:
         self._link_tags = dict(link_tags or {})
         self._choices: list[Any] = []
         self._tagged_short = False
+        self._sent_tags: dict[str, str] = {}  # what this stage's sink was told at its start, or since
         self._intensity: Any = None
         self._meter: Any = None
         self._aggregator: StepAggregator | None = None
@@ -201,8 +203,10 @@ class EnergySession:
         self._aggregator = StepAggregator(self._prefix, self.rank)
         if self.rank == 0 and not self._params_logged:
             self.sink.log_params(self._params())
-            if self._link_tags:
-                self.sink.set_tags(self._link_tags)
+        if self.rank == 0:  # the tags known now; the stage's end sends only those that changed
+            tags = self._tags(measured=False)
+            self.sink.set_tags(tags if self._params_logged else {**self._link_tags, **tags})
+            self._sent_tags = {k: str(v) for k, v in tags.items()}
             self._params_logged = True
 
     def measure_idle(self, seconds: float) -> float:
@@ -289,12 +293,14 @@ class EnergySession:
         drops what it is given."""
         return self._append
 
-    def train_step_ended(self, step: int) -> None:
-        """:meth:`step_completed` now, then :meth:`log_step` at a logging boundary if it is awaited
-        (:attr:`awaits_log_step`: the pump's start, or a failure to raise): the training loop's one call
-        per optimizer step."""
-        self._append((_perf_counter(), StepEnd(step)))
-        if self.awaits_log_step and self.is_log_step(step):
+    def train_batch_started(self, logged_step: int, samples: int) -> None:
+        """A train batch of ``samples`` starts, which the loop logs at ``logged_step``; the previous train
+        batch ended an optimizer step when its ``logged_step`` differs (:class:`~wattlog.ledger.StepAggregator`).
+        Then :meth:`log_step` while it is awaited (:attr:`awaits_log_step`: the pump's start, or a failure
+        to raise). The Lightning callback inlines it: one append of ``(perf_counter(), (logged_step,
+        samples))`` per batch."""
+        self._append((_perf_counter(), (logged_step, samples)))
+        if self.awaits_log_step:
             self.log_step()
 
     def is_log_step(self, step: int) -> bool:
@@ -365,7 +371,7 @@ class EnergySession:
             self._emit([(step, changed)], force=True)
             if self.options.artifacts:  # before the tags, so that a failed artifact shows in energy.degraded
                 self._log_artifacts()
-            self.sink.set_tags(self._tags())
+            self._set_changed_tags(self.sink)
             self.sink.flush(self.options.delivery_timeout_s)
         except WattlogError:
             raise  # strict mode: the policy already decided
@@ -605,7 +611,8 @@ class EnergySession:
             keys.P_PUE: self.options.carbon.pue,
         }
 
-    def _tags(self) -> dict[str, object]:
+    def _tags(self, measured: bool = True) -> dict[str, object]:
+        """The run's tags; ``measured=False``: only those known before anything is measured (no short_run)."""
         estimated = ",".join(c.kind for c in self._choices if c.estimated)
         tags: dict[str, object] = {keys.T_ESTIMATED: estimated or "none"}
         if self._degraded:
@@ -613,11 +620,21 @@ class EnergySession:
         partial = self.collectives.partial if self.collectives is not None else None
         if partial:
             tags[keys.T_PARTIAL] = partial[:4000]
+        if not measured:
+            return tags
         short = self._short_run()
         if short or self._tagged_short:
             tags[keys.T_SHORT_RUN] = short or "no"
             self._tagged_short = bool(short)
         return tags
+
+    def _set_changed_tags(self, sink: Any) -> None:
+        """The tags that differ from what ``sink`` already holds (usually none: one MLflow write saved at the
+        stage's end, where the training thread waits for every write)."""
+        changed = {k: v for k, v in self._tags().items() if self._sent_tags.get(k) != str(v)}
+        if changed:
+            sink.set_tags(changed)
+            self._sent_tags.update({k: str(v) for k, v in changed.items()})
 
     def _short_run(self) -> str:
         """Why the run is too short for its coarsest method to resolve, or ``""``."""
@@ -652,7 +669,7 @@ class EnergySession:
                 error = draw_into(sink, *chart, self.options.delivery_timeout_s)
                 if error is not None:  # a chart must not fail the run (matplotlib missing or broken)
                     self._degrade(f"power.png skipped: {type(error).__name__}: {error}", error)
-                    sink.set_tags(self._tags())
+                    self._set_changed_tags(sink)
         finally:
             if sink is not None:
                 sink.close(self.options.delivery_timeout_s)

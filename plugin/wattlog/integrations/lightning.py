@@ -32,7 +32,7 @@ from typing import Any
 
 from wattlog.errors import ConfigError, WattlogWarning, degrade
 from wattlog.integrations import lightning_run as run
-from wattlog.ledger import StepEnd, StepLabel
+from wattlog.ledger import StepLabel
 from wattlog.options import MonitorOptions
 from wattlog.session import EnergySession, preload
 
@@ -72,15 +72,18 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         self._append_mark: Any = None
         self._device_mark: Any = None
         self._counters: run.StepCounters | None = None  # the running fit's loop counters
-        self._step_before = -1  # optimizer steps completed when the open train batch started
-        self._logged_step = 0  # the step at which Lightning logs the open train batch's metrics
-        self._train_labels: dict[int, StepLabel] = {}  # by samples: one label object per batch size
+        self._epoch_loop: Any = None  # counters.epoch_loop, read on the hot path
+        self._step_before = -1  # device path: optimizer steps completed when the open train batch started
+        # this epoch's train batches at index < _full_batches hold _batch_size samples (run.full_batches), so
+        # the hot path counts only every 64th of them, to check; the others, and every batch when (0, 0)
+        self._batch_size = self._full_batches = 0
+        self._train_labels: dict[int, StepLabel] = {}  # device path: one label object per batch size
         self._warned_no_run = False
         self._warned_samples = False
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn, deepcopy: the options, never a live session
         return {**self.__dict__, "_session": None, "_owner": None, "_target": None, "_cuda_marks": None,
-                "_append_mark": None, "_device_mark": None, "_counters": None}
+                "_append_mark": None, "_device_mark": None, "_counters": None, "_epoch_loop": None}
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -103,9 +106,14 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
             self._apply_restored(trainer, fit=True)
             self._bind_counters(trainer)  # after the restore: the loop's counters as they run
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._session is not None and self.options.batch_size_fn is None:  # the epoch's loader, maybe reloaded
+            self._batch_size, self._full_batches = run.full_batches(trainer)
+
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if run.stage_fn(trainer) == "validate":
             self._apply_restored(trainer, fit=False)
+        self._end_pending_step(in_validation=True)
         self._mark(StepLabel("other" if trainer.sanity_checking else "val", trainer.global_step))
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
@@ -140,32 +148,28 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._stop_cuda_marks()
-        self._counters = None  # it holds the trainer's loops
+        self._counters = self._epoch_loop = None  # they hold the trainer's loops
         if self._session is not None:
             self._session.suspend()
 
     # -- batches (training thread: microseconds) ---------------------------------------------
-    # A train step's end is marked when the next batch starts (or at the next other boundary: validation,
-    # the stage's end): the time between a step's last hook and the next batch belongs to that step
-    # anyway (StepAggregator), so attribution is the same, with one hook call per step instead of two.
+    # One append per train batch: (time, (logged step, samples)). The step counter in it tells the
+    # aggregator where optimizer steps end (when it changes), so a step's end is its next batch's start
+    # (or the next other boundary: validation, the stage's end). The time after a step's last hook belongs
+    # to that step anyway (StepAggregator), so attribution is the same as with a hook at the batch's end.
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         append = self._append_mark
         if append is None:  # energy=off, not set up, or steps that end on the device
             if self._device_mark is not None:
-                self._train_batch_start_on_device(trainer, batch)
+                self._train_batch_start_on_device(trainer, batch, batch_idx)
             return
-        counters = self._counters or self._bind_counters(trainer)
-        completed = counters.optimizer_steps.completed
-        if completed != self._step_before:  # the last batch ended an optimizer step: its end is now
-            self._step_before, step = completed, self._logged_step
-            append((perf_counter(), StepEnd(step)))  # session.train_step_ended, inlined: the hottest path
-            session = self._session
-            if session.awaits_log_step and session.is_log_step(step):  # type: ignore[union-attr]
-                session.log_step()  # type: ignore[union-attr]  # the pump's start, or what it raised
-        self._logged_step = counters.epoch_loop._batches_that_stepped
-        n = self._count(batch) or self._no_samples(batch)
-        append((perf_counter(), self._train_labels.get(n) or self._train_label(n)))
+        loop = self._epoch_loop or self._bind_counters(trainer).epoch_loop
+        n = self._batch_size if 0 < batch_idx & 63 and batch_idx < self._full_batches else (
+            self._train_samples(batch, batch_idx))
+        append((perf_counter(), (loop._batches_that_stepped, n)))  # session.train_batch_started, inlined
+        if self._session.awaits_log_step:  # type: ignore[union-attr]
+            self._session.log_step()  # type: ignore[union-attr]  # the pump's start, or what it raised
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         counters = self._counters  # sync_cuda or CUDA-event marks: the step ends here, on the device
@@ -240,6 +244,17 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     def _samples(self, batch: Any) -> int:
         return self._count(batch) or self._no_samples(batch)
 
+    def _train_samples(self, batch: Any, batch_idx: int) -> int:
+        """A train batch's samples, counted; where they were predicted (:func:`run.full_batches`), a check."""
+        n = self._count(batch) or self._no_samples(batch)
+        if batch_idx < self._full_batches and n != self._batch_size:
+            if n and batch_idx:
+                warnings.warn(f"wattlog: train batch {batch_idx} holds {n} samples, not the loader's batch size "
+                              f"{self._batch_size}: counting every batch from now on (the J/sample of up to 63 "
+                              "batches before it may be off)", WattlogWarning, 3)
+            self._batch_size = self._full_batches = 0
+        return n
+
     def _no_samples(self, batch: Any) -> int:
         if not self._warned_samples:  # J/sample keys need it: say once how to fix it
             self._warned_samples = True
@@ -254,6 +269,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     def _bind_counters(self, trainer: Any) -> run.StepCounters:
         """The fit's loop counters (also for a batch hook called without ``on_train_start``: tests, loops)."""
         self._counters = counters = run.StepCounters(trainer)
+        self._epoch_loop = counters.epoch_loop
         self._step_before = counters.optimizer_steps.completed  # no step of this fit has ended yet
         return counters
 
@@ -284,25 +300,25 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if due:
             session.log_step()
 
-    def _end_pending_step(self) -> None:
-        """Mark the end of the last train batch's optimizer step, if it completed and is not yet marked."""
-        counters = self._counters
-        if counters is not None and self._append_mark is not None and (
-                counters.optimizer_steps.completed != self._step_before):
-            self._step_before = counters.optimizer_steps.completed
-            self._session.train_step_ended(self._logged_step)  # type: ignore[union-attr]
+    def _end_pending_step(self, in_validation: bool = False) -> None:
+        """At a boundary other than a train batch, the loop's logged-step counter (host path): the last train
+        batch's step is numbered if it ended one. Validation within the epoch runs before the loop counts
+        the batch's step (``in_validation``): its count is then the one the loop is about to reach."""
+        loop, append = self._epoch_loop, self._append_mark
+        if loop is not None and append is not None:
+            logged = loop._batches_that_stepped + (1 if in_validation and run.ends_step(loop) else 0)
+            append((perf_counter(), (logged, None)))
 
-    def _train_batch_start_on_device(self, trainer: Any, batch: Any) -> None:
+    def _train_batch_start_on_device(self, trainer: Any, batch: Any, batch_idx: int) -> None:
         counters = self._counters or self._bind_counters(trainer)
         self._step_before = counters.optimizer_steps.completed
         self._synchronize_if_due(trainer, counters.epoch_loop._batches_that_stepped)
-        n = self._count(batch) or self._no_samples(batch)
+        n = self._train_samples(batch, batch_idx)
         self._device_mark(self._train_labels.get(n) or self._train_label(n))
 
     def _mark(self, label: Any, step: int | None = None) -> None:
         if self._session is None:
             return
-        self._end_pending_step()
         if self._cuda_marks is not None:
             self._cuda_marks.mark(label, step)
         elif step is None:

@@ -11,7 +11,8 @@ from typing import Any, Callable
 from wattlog.integrations.runs import RunTarget, primary_sink, resolve_run
 from wattlog.options import MonitorOptions
 
-__all__ = ["RunTarget", "StepCounters", "build_sink", "find_run", "gpu_selection", "logged_step", "stage_fn", "uses_cuda"]
+__all__ = ["RunTarget", "StepCounters", "build_sink", "find_run", "full_batches", "gpu_selection", "logged_step",
+           "stage_fn", "uses_cuda"]
 
 NO_RUN_HINT = (
     "add an MLFlowLogger to the Trainer (Trainer(logger=MLFlowLogger(experiment_name=..., "
@@ -90,6 +91,56 @@ class StepCounters:
             ok = False
         self.optimizer_steps = total if ok else _Property(trainer, "global_step")
         self.epoch_loop = loop if ok else _Property(trainer, None)
+
+
+def ends_step(loop: Any) -> bool:
+    """Whether the train batch the loop just ran ended an optimizer step, read before the loop counts it
+    (validation within the epoch runs first): Lightning's own test, ``not _should_accumulate()``."""
+    should_accumulate = getattr(loop, "_should_accumulate", None)
+    return not should_accumulate() if callable(should_accumulate) else True
+
+
+_BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def full_batches(trainer: Any) -> tuple[int, int]:
+    """``(batch_size, n)``: the train batches at index ``< n`` of this epoch each hold exactly
+    ``batch_size`` samples (as :func:`wattlog.batch.count_samples` counts them), or ``(0, 0)`` when
+    that cannot be known without looking at each batch.
+
+    Known only for the plain case, where torch builds every batch itself: one map-style ``DataLoader``
+    (not a subclass) with torch's own ``BatchSampler`` and ``default_collate``, and no batch-transfer hook
+    of the module or datamodule that could reshape a batch. Then every batch but the epoch's last is
+    ``batch_size`` samples (the sampler's length is this rank's share under DDP).
+    """
+    try:
+        from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+        from torch.utils.data._utils.collate import default_collate
+
+        loaders = trainer.fit_loop._combined_loader.flattened
+        if len(loaders) != 1 or type(loaders[0]) is not DataLoader:
+            return 0, 0
+        loader = loaders[0]
+        sampler = loader.batch_sampler
+        if (type(sampler) is not BatchSampler or loader.collate_fn is not default_collate
+                or isinstance(loader.dataset, IterableDataset) or not isinstance(sampler.batch_size, int)):
+            return 0, 0
+        for owner in (trainer.lightning_module, getattr(trainer, "datamodule", None)):
+            if owner is not None and any(_overrides(owner, hook) for hook in _BATCH_HOOKS):
+                return 0, 0
+        return sampler.batch_size, len(sampler.sampler) // sampler.batch_size
+    except Exception:  # noqa: BLE001 - an unknown layout: count every batch
+        return 0, 0
+
+
+def _overrides(owner: Any, hook: str) -> bool:
+    """``owner`` defines ``hook`` itself (below the Lightning class that declares it), or on the instance."""
+    if hook in vars(owner):
+        return True
+    for cls in type(owner).__mro__:
+        if hook in vars(cls):
+            return not cls.__module__.startswith(("lightning.", "pytorch_lightning."))
+    return False
 
 
 class _Property:
