@@ -121,6 +121,11 @@ class LocalSink:
         self._writer = csv.writer(self._points_f)
         if new:
             self._writer.writerow(["key", "value", "step", "timestamp_ms"])
+        for name, held in (("params.json", self._params), ("tags.json", self._tags)):  # a later stage of the run:
+            try:  # keep what earlier stages wrote (a tag set then, such as a sweep link, is not re-sent)
+                held.update({**json.loads((self.directory / name).read_text()), **held})
+            except (OSError, ValueError):
+                pass
 
     def log_points(self, points: Sequence[Point]) -> None:
         if self._writer is None:

@@ -88,11 +88,13 @@ class Follower:
         client_factory: Callable[[str], Any] = default_client_factory,
         report: Callable[[str, str], None] | None = None,
         max_backoff_s: float = 5.0,
+        on_ack: Callable[[], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.uri = tracking_uri
         self._factory = client_factory
         self._report_fn = report or (lambda kind, message: None)
+        self._on_ack = on_ack
         self._max_backoff_s = max_backoff_s
         self._header, self._offset = _spool.read_header(self.path)
         self.run_id = str(self._header["run_id"])
@@ -186,6 +188,8 @@ class Follower:
         self._ack_f.flush()
         for a, b in _spool.seq_ranges(seqs):
             self._acks.add(a, b)
+        if self._on_ack is not None:
+            self._on_ack()
 
     def _report(self, kind: str, message: str) -> None:
         if kind in self._reported:
@@ -255,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         out.write(json.dumps({"kind": kind, "message": message}) + "\n")
         out.flush()
 
+    def acked() -> None:  # an empty line: a waiting flush() wakes at once and reads the ack file
+        out.write("\n")
+        out.flush()
+
     try:
-        follower = Follower(args.spool, uri, report=report)
+        follower = Follower(args.spool, uri, report=report, on_ack=acked)
     except (OSError, ValueError) as exc:
         report("spool", f"cannot read the spool {args.spool}: {exc}")
         return 2
