@@ -344,6 +344,41 @@ def test_samples_are_predicted_only_where_torch_builds_every_batch(mlflow_uri, t
     assert [m.step for m in metric_history(mlflow_uri, logger.run_id, "energy/step_j")] == list(range(9))
 
 
+def test_manual_optimization_logs_energy_at_each_batch_like_its_metrics(mlflow_uri, tmp_path):
+    """Manual optimization: Lightning logs every batch at its own step (whether or not it stepped an
+    optimizer), and so does the energy."""
+    import torch
+    from mlflow import MlflowClient
+
+    pl, _ = make_module()
+
+    class Manual(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.layer = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.layer(x), y)
+            self.manual_backward(loss)
+            if batch_idx % 2:  # an optimizer step every second batch
+                self.optimizers().step()
+                self.optimizers().zero_grad()
+            self.log("train_loss", loss)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    monitor = EnergyMonitor(gpus="none", cpu="estimate", ram="estimate", log_every_n_steps=1, artifacts=False)
+    trainer, logger = _fit(pl, Manual(), monitor, mlflow_uri, tmp_path, 6, log_every_n_steps=1,
+                           enable_progress_bar=False)
+    steps = [m.step for m in metric_history(mlflow_uri, logger.run_id, "energy/step_j")]
+    assert steps == [m.step for m in metric_history(mlflow_uri, logger.run_id, "train_loss")] == list(range(12))
+    metrics = MlflowClient(mlflow_uri).get_run(logger.run_id).data.metrics
+    assert metrics["energy/j_per_sample"] == pytest.approx(metrics["energy/train_j"] / (12 * 4), rel=1e-6)
+
+
 def test_a_predicted_batch_size_that_a_check_contradicts_is_dropped_with_a_warning():
     from wattlog.errors import WattlogWarning
 

@@ -7,6 +7,7 @@ per-step energy within 10 % of the simulated truth for steps >= 100 ms.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import threading
 import time
@@ -203,6 +204,8 @@ def test_logger_none_measures_into_a_local_folder_and_warns_once(gpu, tmp_path, 
     rows = list(csv.DictReader(open(folder / "points.csv")))
     assert [int(r["step"]) for r in rows if r["key"] == "energy/step_j"] == [0, 1, 2]
     assert any(r["key"] == "energy/test_j" for r in rows)
+    tags = json.loads((folder / "tags.json").read_text())
+    assert tags["energy.attempts"] == "1" and "energy.estimated" in tags  # the test stage kept the fit's tags
     monkeypatch.setenv("WATTLOG_STRICT", "1")
     with pytest.raises(NoRunError):
         _trainer(tmp_path, [_monitor(require_mlflow=True)], None, max_steps=1).fit(module, loader(16))
