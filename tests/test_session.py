@@ -386,3 +386,25 @@ def test_a_real_chart_reaches_the_sink(gpu, monkeypatch):
     session.close()
     png = [a for a in sink.artifacts if a[0] == keys.POWER_PNG]
     assert sink.closed and png and png[0][2][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_local_sink_keeps_earlier_stages_tags_and_starts_afresh_over_a_broken_file(tmp_path):
+    import json
+
+    from wattlog.sinks.base import LocalSink
+
+    first = LocalSink(tmp_path)
+    first.start()
+    first.set_tags({"energy.attempts": 1})
+    first.close()
+    second = LocalSink(tmp_path)  # the next stage of the same run
+    second.start()
+    second.set_tags({"energy.estimated": "cpu"})
+    second.close()
+    assert json.loads((tmp_path / "tags.json").read_text()) == {"energy.attempts": "1", "energy.estimated": "cpu"}
+    (tmp_path / "tags.json").write_text("[1, 2]")  # not an object: ignored, never a failed stage start
+    third = LocalSink(tmp_path)
+    third.start()
+    third.set_tags({"energy.degraded": "x"})
+    third.close()
+    assert json.loads((tmp_path / "tags.json").read_text()) == {"energy.degraded": "x"}

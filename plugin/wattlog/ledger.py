@@ -114,10 +114,6 @@ class StepRecord:
         return cls(**d)  # type: ignore[arg-type]
 
 
-TrainBatch = tuple
-"""A train batch's label on the hot path: the plain tuple ``(logged_step, samples)`` (see :class:`StepAggregator`)."""
-
-
 class StepAggregator:
     """Merge consecutive segments with the same (stage, step) into step records (one process).
 
@@ -125,10 +121,10 @@ class StepAggregator:
     it may still grow (gradient accumulation runs several batches per optimizer step).
 
     Labels: a :class:`StepLabel` starts a batch of its stage, and a :class:`StepEnd` numbers the open train
-    record. A :data:`TrainBatch` tuple ``(logged_step, samples)`` starts a train batch and carries the loop's
-    counter of logged steps as the batch starts: when it differs from the open train record's, that record's
-    optimizer step has ended and is numbered with the record's own ``logged_step``; when it is the same, the
-    batch is another micro-batch of the same step. ``(logged_step, None)`` reports the counter at another
+    record. A plain tuple ``(logged_step, samples)`` (the Lightning hot path's label) starts a train batch
+    and carries the loop's counter of logged steps as the batch starts: when it differs from the open train
+    record's, that record's optimizer step has ended and is numbered with the record's own ``logged_step``;
+    when it is the same, the batch is another micro-batch of the same step. ``(logged_step, None)`` reports the counter at another
     boundary (validation, the stage's end) without starting a batch.
     """
 
@@ -148,20 +144,18 @@ class StepAggregator:
             cur = self._current
             if type(label) is tuple:
                 logged, samples = label
-                if cur is not None and cur.stage == "train" and not self._numbered and self._logged is not None:
-                    if logged != self._logged:  # its optimizer step ended at this boundary
-                        cur.step, self._numbered = self._logged, True
-                    if samples is None or not self._numbered:  # a counter report, or a micro-batch
-                        self._merge(cur, seg, energy, wall_s, samples or 0)
-                        continue
-                if samples is None:  # no open train batch to number
+                open_train = (cur is not None and cur.stage == "train" and not self._numbered
+                              and self._logged is not None)
+                if open_train and logged != self._logged:
+                    cur.step, self._numbered = self._logged, True  # its optimizer step ended at this boundary
+                if open_train and (samples is None or not self._numbered):  # a counter report, or a micro-batch
+                    self._merge(cur, seg, energy, wall_s, samples or 0)
+                    continue
+                if samples is None:  # a counter report with no open train batch: like a StepEnd without one
                     stage, step, samples = "other", -1, 0
                 else:
-                    if cur is not None:
-                        done.append(cur)
-                    self._current = StepRecord("train", -1, seg.start_s, seg.end_s, energy, samples, 1, wall_s)
-                    self._numbered, self._logged = False, logged
-                    continue
+                    stage, step = "train", -1
+                    self._numbered = True  # never merged into: a new record starts below
             elif isinstance(label, StepEnd):
                 if cur is not None and cur.stage == "train" and not self._numbered:
                     cur.step = label.step  # the gap after the step (logging, next fetch) is the step's
@@ -181,7 +175,7 @@ class StepAggregator:
             if cur is not None:
                 done.append(cur)
             self._current = StepRecord(stage, step, seg.start_s, seg.end_s, energy, samples, 1, wall_s)
-            self._numbered, self._logged = False, None
+            self._numbered, self._logged = False, label[0] if type(label) is tuple and stage == "train" else None
         return done
 
     @staticmethod

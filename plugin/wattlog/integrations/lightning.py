@@ -113,7 +113,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if run.stage_fn(trainer) == "validate":
             self._apply_restored(trainer, fit=False)
-        self._end_pending_step(in_validation=True)
+        self._report_step_counter(in_validation=True)
         self._mark(StepLabel("other" if trainer.sanity_checking else "val", trainer.global_step))
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
@@ -300,7 +300,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
         if due:
             session.log_step()
 
-    def _end_pending_step(self, in_validation: bool = False) -> None:
+    def _report_step_counter(self, in_validation: bool = False) -> None:
         """At a boundary other than a train batch, the loop's logged-step counter (host path): the last train
         batch's step is numbered if it ended one. Validation within the epoch runs before the loop counts
         the batch's step (``in_validation``): its count is then the one the loop is about to reach."""
@@ -328,7 +328,7 @@ class EnergyMonitor(*run.callback_bases()):  # type: ignore[misc]
 
     def _end_stage(self, trainer: Any, collective: bool = True) -> None:
         if self._session is not None and self._session.measuring:
-            self._end_pending_step()
+            self._report_step_counter()
         self._stop_cuda_marks()
         if self._session is not None and self._session.measuring:
             self._session.end_stage(int(trainer.global_step), collective=collective)

@@ -123,8 +123,8 @@ class LocalSink:
             self._writer.writerow(["key", "value", "step", "timestamp_ms"])
         for name, held in (("params.json", self._params), ("tags.json", self._tags)):  # a later stage of the run:
             try:  # keep what earlier stages wrote (a tag set then, such as a sweep link, is not re-sent)
-                held.update({**json.loads((self.directory / name).read_text()), **held})
-            except (OSError, ValueError):
+                held.update({**dict(json.loads((self.directory / name).read_text())), **held})
+            except (OSError, ValueError, TypeError):  # none yet, or not a JSON object: start afresh
                 pass
 
     def log_points(self, points: Sequence[Point]) -> None:
