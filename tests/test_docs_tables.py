@@ -24,7 +24,7 @@ def tables(text: str) -> list[tuple[int, list[str]]]:
     for number, line in enumerate([*text.splitlines(), ""], 1):
         fenced ^= line.startswith("```")
         if line.startswith("|") and not fenced:
-            start, rows = (start, rows) if rows else (number, [])
+            start = start if rows else number
             rows.append(line)
         elif rows:
             found.append((start, rows))
@@ -41,6 +41,9 @@ def test_tables_render(path: Path) -> None:
         assert not wrong, f"{path.name}: rows {wrong} do not have the header's {width} columns"
 
 
-def test_the_check_catches_a_table_without_its_separator() -> None:
+def test_the_check_catches_a_missing_separator_and_a_stray_column() -> None:
     (start, rows), = tables("text\n\n| a | b |\n| 1 | 2 |\n")
     assert start == 3 and not SEPARATOR.fullmatch(rows[1])
+    (_, rows), = tables("| a | b |\n|---|---|\n| 1 | 2 | 3 |\n```\n| in code |\n```\n")
+    assert [columns(row) for row in rows] == [2, 2, 3]
+    assert columns("| `a | b` | c \\| d |") == 2
