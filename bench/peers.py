@@ -1,9 +1,11 @@
 """wattlog side by side with Zeus, CodeCarbon and MLflow system metrics, on simulated GPUs under the real pynvml.
 
-Run (one command, about 9 minutes on a 2-core machine with the default 2 rounds; peers from the ``[bench]`` extra):
+Run (one command, about 12 minutes on a 2-core machine with the default 2 rounds; peers from the ``[bench]`` extra):
 
     .venv/bin/pip install -e ".[bench]"
-    .venv/bin/python bench/peers.py [--rounds 2] [--steps 250] [--acc-steps 200] [--out bench/results/peers.md]
+    .venv/bin/python bench/peers.py [--rounds 2] [--steps 250] [--acc-steps 200] [--short-steps 30]
+                                    [--coverage-steps 2400]
+                                    [--out bench/results/peers.md]
 
 Every measurement runs in a fresh process (bench/peers_child.py), with two simulated H100s behind the real
 ``pynvml`` (bench/simgpu.py replaces only ``pynvml.nvmlLib``; a stub ``nvidia-smi`` on PATH lets CodeCarbon
@@ -17,6 +19,14 @@ see them), so every peer runs unmodified. Two parts:
    400 W, 1 s period, GPU 1 at 0.8x), with energy counters updating every 1, 20 and 100 ms and an instant-power
    field every 20 ms: each tool's per-step GPU energy against the simulator's exact integral (the first 8 steps
    are everyone's warm-up and left out).
+3. **A short fit**, ``--short-steps`` steps (~1 s; 0 skips it), without a tool and with wattlog, interleaved
+   once per round: what a stage shorter than the delivery process's start-up costs (fit() wall time and the
+   training thread's time in wattlog's calls).
+4. **Coverage of a longer fit**, wattlog alone on the same fit with ``--coverage-steps`` steps (~1 min with the
+   default 2400; 0 skips it), once per round: the share of ``trainer.fit()`` measured, and where the rest lies.
+   Parts 1 and 4 split the unmeasured time of ``fit()`` into Lightning's own (before the first callback's
+   ``setup``, after the last one's ``teardown``) and the tool's (from that ``setup`` to its first reading, from
+   its final reading to that ``teardown``).
 
 A peer that is not installed is skipped with a message. Writes a markdown table to ``--out`` and the raw results
 next to it (``.jsonl``).
@@ -83,6 +93,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--acc-steps", type=int, default=200)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "peers.md"))
+    ap.add_argument("--short-steps", type=int, default=30)
+    ap.add_argument("--coverage-steps", type=int, default=2400)
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
@@ -117,6 +129,23 @@ def main() -> None:
                         print(f"round {r} {name:17s} {out['steps_per_s']:6.1f} steps/s, hooks "
                               f"{out['hook_step_us']:6.1f} us/step, fixed {out['fixed_s']:.3f} s, "
                               f"coverage {out['coverage']:.3f}", flush=True)
+        if args.short_steps > 0:
+            for r in range(args.rounds):
+                for name in (("none", "wattlog") if r % 2 == 0 else ("wattlog", "none")):
+                    out = child(["fit", name, "--steps", str(args.short_steps), *common], env)
+                    if out is not None:
+                        out.update(part="short", round=r)
+                        rows.append(out)
+                        print(f"short round {r} {name:8s} fit {out['fit_s']:.2f} s, fixed {out['fixed_s']:.3f} s",
+                              flush=True)
+        if args.coverage_steps > 0:
+            for r in range(args.rounds):
+                out = child(["fit", "wattlog", "--steps", str(args.coverage_steps), *common], env)
+                if out is not None:
+                    out.update(part="coverage", round=r)
+                    rows.append(out)
+                    print(f"coverage round {r}: fit {out['fit_s']:.1f} s, {out['coverage']:.4f} of fit(), "
+                          f"{out['coverage_of_callbacks']:.4f} of the callbacks' span", flush=True)
         if not args.skip_accuracy:
             for counter in COUNTERS_MS:
                 for name, _, _ in acc_cfgs:
@@ -132,6 +161,33 @@ def main() -> None:
     write(args, rows, fit_cfgs, acc_cfgs, skipped, started)
 
 
+GAPS = [("before_setup", "Lightning, fit() entry to the first callback's setup"),
+        ("setup_to_start", "the tool, that setup to its first reading"),
+        ("end_to_teardown", "the tool, its final reading to the last callback's teardown"),
+        ("after_teardown", "Lightning, that teardown to fit()'s return (MLFlowLogger.finalize)")]
+
+
+def gap_table(title: str, rows: list[dict], cfgs: list[tuple[str, str]], shares: bool = False) -> list[str]:
+    """Rows of ``gaps_ms`` (median [min, max] per tool); tools measured over the whole fit have none."""
+    cfgs = [(c, t) for c, t in cfgs if any(r["tool"] == c and r.get("gaps_ms") for r in rows)]
+    if not cfgs:
+        return []
+
+    def cells(fn, fmt) -> str:
+        return " | ".join(spread([fn(r) for r in rows if r["tool"] == c and r.get("gaps_ms")], fmt) for c, _ in cfgs)
+
+    out = [title, "", "| figure | " + " | ".join(t for _, t in cfgs) + " |", "|" + "---|" * (len(cfgs) + 1)]
+    if shares:
+        out.append("| share of trainer.fit() wall time measured | " + cells(lambda r: r["coverage"], "{:.4f}") + " |")
+        out.append("| share of the callbacks' span measured | "
+                   + cells(lambda r: r["coverage_of_callbacks"], "{:.4f}") + " |")
+        out.append("| the callbacks' span, share of fit() | " + cells(lambda r: r["callbacks_share_of_fit"], "{:.4f}")
+                   + " |")
+    for key, label in GAPS:
+        out.append(f"| {label}, ms | " + cells(lambda r, k=key: r["gaps_ms"][k], "{:.1f}") + " |")
+    return out + [""]
+
+
 def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
     fits = [r for r in rows if r["part"] == "fit"]
     base = {r["round"]: r for r in fits if r["tool"] == "none"}
@@ -140,7 +196,8 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
         return [fn(r, base[r["round"]]) for r in fits if r["tool"] == tool and r["round"] in base]
 
     lines = [f"# wattlog vs peers ({started}; `bench/peers.py --rounds {args.rounds} --steps {args.steps} "
-             f"--acc-steps {args.acc_steps}`)", ""]
+             f"--acc-steps {args.acc_steps} --short-steps {args.short_steps} --coverage-steps "
+             f"{args.coverage_steps}`)", ""]
     lines += ["Simulated GPUs under the real pynvml (bench/simgpu.py), each measurement in a fresh process, "
               "rounds interleaved; median [min, max] over rounds. Machine: "
               f"{os.cpu_count()} CPUs, shared with other jobs (timings are noisy; read ratios and orders of "
@@ -173,6 +230,24 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
         for title, fn, fmt in figures:
             lines.append(f"| {title} | " + " | ".join(spread(col(c, fn), fmt) for c, _, _ in fit_cfgs) + " |")
         lines.append("")
+        lines += gap_table(f"## Where the unmeasured part of the {args.steps}-step fit() lies, ms", fits,
+                           [(c, t) for c, t, _ in fit_cfgs])
+    shorts = [r for r in rows if r["part"] == "short"]
+    if shorts:
+        short_base = {r["round"]: r for r in shorts if r["tool"] == "none"}
+        paired = [(r, short_base[r["round"]]) for r in shorts if r["tool"] == "wattlog" and r["round"] in short_base]
+        lines += [f"## A short fit: {args.short_steps} steps (no tool: fit() "
+                  f"{spread([b['fit_s'] for _, b in paired], '{:.2f}')} s)", "",
+                  "| figure | wattlog |", "|---|---|",
+                  f"| fit() wall time, s | {spread([r['fit_s'] for r, _ in paired], '{:.2f}')} |",
+                  f"| fit() wall time, extra over no tool, s | {spread([r['fit_s'] - b['fit_s'] for r, b in paired], '{:+.3f}')} |",
+                  f"| fixed cost on the training thread, s | {spread([r['fixed_s'] for r, _ in paired])} |",
+                  f"| share of trainer.fit() wall time measured | {spread([r['coverage'] for r, _ in paired])} |", ""]
+    covs = [r for r in rows if r["part"] == "coverage"]
+    if covs:
+        lines += gap_table(f"## Coverage of a longer fit: {args.coverage_steps} steps, wattlog alone "
+                           f"(fit() {spread([r['fit_s'] for r in covs], '{:.1f}')} s)", covs, [("wattlog", "wattlog")],
+                           shares=True)
     accs = [r for r in rows if r["part"] == "accuracy"]
     if accs:
         lines += [f"## Per-step GPU energy error, square-wave power, 25 ms steps ({args.acc_steps} steps; "

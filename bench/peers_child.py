@@ -253,6 +253,11 @@ def run_fit(tool: str, steps_n: int, uri: str, root: str) -> dict:
         covered_reach = 1.0
     else:
         covered_reach = sum(max(0.0, min(b or r1, r1) - max(a, r0)) for a, b in spans) / reach_s if spans else 0.0
+    gaps_ms = {}  # where the unmeasured part of fit() lies, in ms
+    if spans and r0 is not None and r1 is not None:
+        gaps_ms = {"before_setup": r0 - t_in0, "setup_to_start": max(0.0, spans[0][0] - r0),
+                   "end_to_teardown": max(0.0, r1 - (spans[-1][1] or r1)), "after_teardown": t_in1 - r1}
+        gaps_ms = {k: 1e3 * v for k, v in gaps_ms.items()}
     empty = steps.empty_clock.per_step_s
     kids_cpu = (kids1.children_user + kids1.children_system) - (kids0.children_user + kids0.children_system)
     return {
@@ -264,7 +269,7 @@ def run_fit(tool: str, steps_n: int, uri: str, root: str) -> dict:
         "cpu_ms_per_step": 1e3 * (cpu1 - cpu0) / n, "main_cpu_ms_per_step": 1e3 * (main1 - main0) / n,
         "children_cpu_ms_per_step": 1e3 * kids_cpu / n, "coverage": covered,
         "coverage_of_callbacks": covered_reach, "callbacks_share_of_fit": reach_s / fit_s,
-        "empty_hooks_step_median_us": 1e6 * median(empty) if empty else 0.0,
+        "empty_hooks_step_median_us": 1e6 * median(empty) if empty else 0.0, "gaps_ms": gaps_ms,
     }
 
 

@@ -160,6 +160,23 @@ def wait_exited(pid: int, limit_s: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def wait_ready(sink: MlflowSink, limit_s: float = 120.0) -> None:
+    """Until the delivery process has said ``ready`` (it sends from then on)."""
+    deadline = time.monotonic() + limit_s
+    while not sink._child_ready:
+        assert time.monotonic() < deadline, "the delivery process never became ready"
+        sink._read_reports()
+        time.sleep(0.02)
+
+
+def spawn_stand_in(code: str):
+    """A ``MlflowSink._spawn`` that starts ``code`` instead of the delivery process (same pipes)."""
+    def spawn(self: MlflowSink) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        os.set_blocking(self._proc.stdout.fileno(), False)
+    return spawn
+
+
 class FlakyClient:
     """A real MlflowClient whose first ``fail`` log_batch calls raise; counts the calls.
 
@@ -211,7 +228,9 @@ def test_points_land_exactly_once_through_the_delivery_process(store, tmp_path):
     for step_points in make_points(1000):  # 5,000 points
         sink.log_points(step_points)
     assert set(threading.enumerate()) <= threads_before  # ... and the training process starts no thread
+    wait_ready(sink)  # else flush() takes delivery over (see the tests of short stages below)
     assert sink.flush(timeout_s=120)
+    assert sink.delivery_pid == pid
     sink.close()
     assert sink.delivery_pid is None and exited(pid)  # nothing left behind
     assert str(sink.spool_path) not in open_files()
@@ -826,14 +845,17 @@ def _run_parent(script: str) -> int:
     return int(proc.stdout.split()[-1])
 
 
-def test_delivery_process_finishes_and_exits_when_its_parent_dies(store, tmp_path):
+@pytest.mark.parametrize("n_steps", [200, 2500], ids=["one-batch", "three-batches"])
+def test_delivery_process_finishes_and_exits_when_its_parent_dies(store, tmp_path, n_steps):
+    """Its reports go nowhere once the parent is gone (a broken pipe): it goes on delivering, past its
+    first batch (1000 points)."""
     uri, client, run_id = store
     spool_dir = tmp_path / "spool"
-    child = _run_parent(_parent_script(run_id, uri, spool_dir, 200))
+    child = _run_parent(_parent_script(run_id, uri, spool_dir, n_steps))
     wait_exited(child)  # its stdin closed with the parent: it delivers what is left and exits
     hist = client.get_metric_history(run_id, "energy/k0")
-    assert sorted(m.step for m in hist) == list(range(200))
-    assert read_acks(ack_file(spool_dir / f"{run_id}.jsonl")).ranges == [(1, 200)]
+    assert sorted(m.step for m in hist) == list(range(n_steps))
+    assert read_acks(ack_file(spool_dir / f"{run_id}.jsonl")).ranges == [(1, n_steps)]
 
 
 @pytest.mark.slow
@@ -959,3 +981,68 @@ def test_a_script_that_ends_right_after_its_last_stage_still_delivers_the_chart(
     names = {a.path for a in client.list_artifacts(run_id, "energy")}
     assert names == {"energy/trace.csv", "energy/power.png"}
     assert client.get_run(run_id).data.metrics["energy/total_j"] > 0
+
+
+# -- short stages: a flush before the delivery process is ready delivers from the training process
+
+
+def test_flush_before_the_delivery_process_is_ready_delivers_here_exactly_once(store, tmp_path, monkeypatch):
+    """A stage shorter than the delivery process's start-up (~2.5 s: importing mlflow, opening the store)
+    does not wait for it: flush() stops it (it has sent nothing) and delivers the spool itself."""
+    uri, client, run_id = store
+    monkeypatch.setattr(MlflowSink, "_spawn", spawn_stand_in("import time; time.sleep(120)"))  # never ready
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    sink.start()
+    pid = sink.delivery_pid
+    sink.log_params({"energy.pue": 1.2})
+    for step_points in make_points(3):
+        sink.log_points(step_points)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("step,j\n0,1.0\n")
+    sink.log_artifact(trace, "energy")
+    sink.set_tags({"energy.estimated": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # strict or not: no report at all
+        assert sink.flush(timeout_s=60)
+    assert sink.delivery_pid is None
+    wait_exited(pid, 10)
+    assert_exactly_once(client, run_id, 3)
+    run = client.get_run(run_id)
+    assert run.data.params == {"energy.pue": "1.2"} and run.data.tags["energy.estimated"] == "cpu"
+    assert [f.path for f in client.list_artifacts(run_id, "energy")] == ["energy/trace.csv"]
+    for step_points in make_points(2, step0=3):  # after the flush (the chart, a late summary): close delivers
+        sink.log_points(step_points)
+    sink.close()
+    assert_exactly_once(client, run_id, 5)
+    assert unacked(sink.spool_path) == 0
+    assert str(sink.spool_path) not in open_files()
+
+
+def test_taking_over_from_a_delivery_process_that_may_have_sent_deduplicates(store, tmp_path, monkeypatch):
+    """Its "ready" line, read only once it is stopped, means it may have sent unacknowledged records:
+    the first send here skips what the run already holds."""
+    uri, client, run_id = store
+    monkeypatch.setattr(MlflowSink, "_spawn", spawn_stand_in(
+        "import sys, time; print('{\"kind\": \"ready\", \"message\": \"\"}', flush=True); time.sleep(120)"))
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    sink.start()
+    for step_points in make_points(4):
+        sink.log_points(step_points)
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(p.key, p.value, p.timestamp_ms, p.step)  # what it sent, unacked
+                                      for step_points in make_points(2) for p in step_points])
+    time.sleep(0.5)  # its "ready" line is in the pipe, unread
+    sink._take_over()
+    assert sink._child_ready
+    assert sink.flush(timeout_s=60)
+    sink.close()
+    assert_exactly_once(client, run_id, 4)
+
+
+@pytest.mark.parametrize("uri, here", [("sqlite:///x.db", True), ("postgresql://u@h/db", True), ("file:///m", True),
+                                       ("http://h:5000", False), ("HTTPS://h", False), ("databricks", False),
+                                       ("databricks://profile", False)])
+def test_delivery_is_taken_over_only_for_local_stores(uri, here):
+    """Over HTTP the client's own retries could hold the training thread for minutes: no take-over."""
+    assert MlflowSink("r1", uri)._can_take_over() is here

@@ -17,8 +17,11 @@ Errors are classified:
 Protocol with the parent (one line each): stdin ``wake`` (new records), ``close <seconds>`` (deliver
 what is left within that time, then exit), end of file (the parent exited or died: the same, with
 the default timeout). Stdout: one JSON object per report, ``{"kind": ..., "message": ...}``; the
-parent turns reports into warnings (or errors in strict mode). Exit code 0: everything delivered;
-3: records left in the spool (``wattlog sync`` delivers them).
+parent turns reports into warnings (or errors in strict mode). One more line, kind ``ready``, comes
+just before the first send: until then this process has sent nothing, so a parent that takes delivery
+over (the flush of a stage shorter than this process's start-up, see :class:`~wattlog.sinks.mlflow.MlflowSink`)
+knows that the acks are complete. Exit code 0: everything delivered; 3: records left in the spool
+(``wattlog sync`` delivers them).
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ class Follower:
         tracking_uri: where to send.
         client_factory: ``uri -> MlflowClient``-like (tests pass fakes and run it in-process).
         report: ``(kind, message)`` for each reportable event (at most once per kind and cause).
+        on_ack: called after each acknowledgement is written.
+        on_ready: called once, just before the first send.
+        dedupe: de-duplicate the first send against the run; default: when the ack file has history
+            (acks may have been lost in a crash).
     """
 
     def __init__(
@@ -89,19 +96,22 @@ class Follower:
         report: Callable[[str, str], None] | None = None,
         max_backoff_s: float = 5.0,
         on_ack: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
+        dedupe: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.uri = tracking_uri
         self._factory = client_factory
         self._report_fn = report or (lambda kind, message: None)
         self._on_ack = on_ack
+        self._on_ready = on_ready
         self._max_backoff_s = max_backoff_s
         self._header, self._offset = _spool.read_header(self.path)
         self.run_id = str(self._header["run_id"])
         self._acks = _spool.read_acks(_spool.ack_file(self.path))
         self._pending: list[tuple[int, Any]] = []
         self._deliverer: Deliverer | None = None
-        self._dedupe = bool(self._acks.ranges)  # a spool with history: acks may have been lost
+        self._dedupe = bool(self._acks.ranges) if dedupe is None else dedupe
         self._backoff_s = 0.0
         self._retry_at = 0.0
         self._reported: set[str] = set()
@@ -134,6 +144,9 @@ class Follower:
         try:
             if self._deliverer is None:
                 self._deliverer = Deliverer(self._factory(self.uri), self.run_id, self.path.parent.absolute())
+            if self._on_ready is not None:
+                ready, self._on_ready = self._on_ready, None
+                ready()
             outcome = self._deliverer.send(chunk, dedupe=self._dedupe)
         except Exception as exc:  # noqa: BLE001 - classified below; delivery never stops by itself
             self._failed(exc)
@@ -255,16 +268,24 @@ def main(argv: list[str] | None = None) -> int:
     uri = os.environ.pop(URI_ENV, "")
     out = sys.stdout
 
+    def tell(line: str) -> None:
+        try:
+            out.write(line)
+            out.flush()
+        except OSError:  # the parent is gone: nobody reads reports any more; delivery goes on
+            pass
+
     def report(kind: str, message: str) -> None:
-        out.write(json.dumps({"kind": kind, "message": message}) + "\n")
-        out.flush()
+        tell(json.dumps({"kind": kind, "message": message}) + "\n")
 
     def acked() -> None:  # an empty line: a waiting flush() wakes at once and reads the ack file
-        out.write("\n")
-        out.flush()
+        tell("\n")
+
+    def ready() -> None:  # nothing sent yet: a parent that takes over from here duplicates nothing
+        report("ready", "")
 
     try:
-        follower = Follower(args.spool, uri, report=report, on_ack=acked)
+        follower = Follower(args.spool, uri, report=report, on_ack=acked, on_ready=ready)
     except (OSError, ValueError) as exc:
         report("spool", f"cannot read the spool {args.spool}: {exc}")
         return 2

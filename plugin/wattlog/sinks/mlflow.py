@@ -7,6 +7,13 @@ The spool (``<spool_dir>/<run_id>.jsonl``, mode 0600 in a 0700 directory, see
 No MLflow client, no network and no thread in the training process: the delivery process
 (:mod:`wattlog.sinks.deliver`, started by :meth:`~MlflowSink.start`) follows the spool, sends in
 order with ``log_batch``, survives outages, and exits when the sink is closed or its parent dies.
+
+One exception, for short stages: importing mlflow and opening the store takes the delivery process
+~2.5 s, so a stage shorter than that would wait for it at its final flush. When :meth:`~MlflowSink.flush`
+finds the process not yet ready (it has sent nothing), the store local (not ``http(s)``/``databricks``,
+whose requests retry for minutes inside a client) and mlflow already imported here, the sink takes
+delivery over: it stops the process and delivers from the spool itself, on the flushing thread and,
+until :meth:`~MlflowSink.close`, on the closing one (the same follower code, acks and de-duplication).
 Whatever it could not deliver in time stays in the spool for ``wattlog sync`` (exactly once: acks
 plus de-duplication against the run).
 
@@ -35,7 +42,7 @@ from pathlib import Path
 
 from wattlog.errors import ConfigError, SinkError, WattlogWarning, strict_mode
 from wattlog.sinks import spool as _spool
-from wattlog.sinks.deliver import URI_ENV
+from wattlog.sinks.deliver import URI_ENV, Follower
 from wattlog.sinks.spool import ArtifactRecord, Point, Record, RunRecord, default_spool_dir, redact_text, redact_uri
 from wattlog.sinks.sync import SyncResult, describe, register_cli, resolve_uri, sync
 
@@ -96,6 +103,9 @@ class MlflowSink:
         self._reports: list[tuple[str, str]] = []
         self._report_buf = b""
         self._closed = False
+        self._child_ready = False  # the delivery process said "ready" (it may have sent something)
+        self._here: Follower | None = None  # delivery taken over by this process (see the module docstring)
+        self._held: list[tuple[str, str]] = []  # its reports, applied after each send (never inside it)
 
     @property
     def spool_path(self) -> Path:
@@ -176,8 +186,13 @@ class MlflowSink:
         if self._fd is None:
             return True
         target = self._next_seq - 1
-        self._tell(b"wake\n")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._read_reports()
+        if self._here is None and self._proc is not None and not self._child_ready and self._can_take_over():
+            self._take_over()
+        if self._here is not None:
+            return self._deliver_here(deadline)
+        self._tell(b"wake\n")
         while True:
             self._read_reports()
             if self._delivered_through(target):
@@ -204,7 +219,12 @@ class MlflowSink:
         self._closed = True
         timeout_s = 30.0 if timeout_s is None else max(0.0, timeout_s)
         left = False
-        if self._proc is not None:
+        if self._here is not None:
+            try:
+                left = not self._deliver_here(time.monotonic() + timeout_s)
+            finally:
+                self._here.close()
+        elif self._proc is not None:
             self._tell(f"close {timeout_s}\n".encode())
             try:
                 self._proc.stdin.close()  # type: ignore[union-attr]
@@ -368,10 +388,57 @@ class MlflowSink:
                 kind, message = str(obj["kind"]), str(obj["message"])
             except (ValueError, KeyError, TypeError):
                 continue
-            self._reports.append((kind, message))
-            if kind == "recovered":
+            if kind == "ready":
+                self._child_ready = True
                 continue
+            self._report(kind, message)
+
+    def _report(self, kind: str, message: str) -> None:
+        self._reports.append((kind, message))
+        if kind != "recovered":
             self._policy(kind, message)
+
+    # ------------------------------------------------------------------ delivery taken over (short stages)
+
+    def _can_take_over(self) -> bool:
+        scheme = self._uri.split(":", 1)[0].lower()
+        return "mlflow" in sys.modules and scheme not in {"http", "https", "databricks", "uc"}
+
+    def _take_over(self) -> None:
+        """Stop the delivery process (still starting up) and follow the spool here from now on."""
+        proc = self._proc
+        assert proc is not None
+        proc.kill()
+        proc.wait()
+        try:
+            self._read_reports()  # its last lines: "ready" if it got as far as sending
+        finally:
+            self._proc = None
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass
+        self._here = Follower(self.spool_path, self._uri, report=lambda *kind_message: self._held.append(kind_message),
+                              dedupe=True if self._child_ready else None)
+
+    def _deliver_here(self, deadline: float | None) -> bool:
+        """Deliver what the spool holds until it is all acknowledged (True) or ``deadline`` passes."""
+        assert self._here is not None
+        while True:
+            self._here.poll()
+            done = self._here.pending == 0
+            if not done:
+                progressed = self._here.deliver()
+            held, self._held[:] = list(self._held), []
+            for kind, message in held:
+                self._report(kind, message)
+            if done:
+                return True
+            if not progressed:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)  # a backoff after a failed send
 
     def _key_ok(self, key: str, what: str = "points with invalid MLflow metric key") -> bool:
         try:
