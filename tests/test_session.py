@@ -320,9 +320,9 @@ class _Chart:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def test_the_chart_is_finished_off_the_caller_and_the_next_stage_waits_for_it(gpu, monkeypatch):
+def test_the_chart_is_finished_off_the_caller_and_a_stage_elsewhere_waits_for_it(gpu, monkeypatch):
     """Outside strict mode, suspend() hands power.png and the sink's close to a thread: the caller
-    does not wait for the drawing; the next stage's open() does, so stages never overlap."""
+    does not wait for the drawing; a next stage writing elsewhere (no common destination) does."""
     import wattlog.artifacts
 
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
@@ -343,6 +343,46 @@ def test_the_chart_is_finished_off_the_caller_and_the_next_stage_waits_for_it(gp
     _stage(session)
     session.close()
     assert second.closed and keys.POWER_PNG in [a[0] for a in second.artifacts]
+    assert not [t for t in threading.enumerate() if t.name.startswith("wattlog-")]
+
+
+class _RunSink(MemorySink):
+    """A MemorySink with a destination: two of them are one run's stream (wattlog.finisher)."""
+
+    destination = ("memory", "run-1")
+    closings = 0
+
+    def close(self, timeout_s=None) -> None:
+        self.closings += 1
+        super().close(timeout_s)
+
+
+def test_the_next_stage_of_the_run_takes_the_finishing_sink_over_without_waiting(gpu, monkeypatch):
+    """fit() then test(): the test stage starts while fit's chart is still drawn, writes through fit's
+    sink (one stream, one writer), the chart lands in it when drawn, and the sink is closed once, by the
+    last stage's end."""
+    import wattlog.artifacts
+
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    release = threading.Event()
+    monkeypatch.setattr(_Chart, "release", release)
+    monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none")
+    session = EnergySession(opts, gpus=[0], log_every_n_steps=1)
+    first, unused = _RunSink(), _RunSink()
+    session.open(first)
+    _stage(session)
+    session.suspend()
+    session.open(unused)  # returns while the chart is held: no wait
+    assert session.sink is first and not unused.started and not first.closed
+    _stage(session, steps=2)
+    assert first.history("energy/test_j") or first.history("energy/train_j")  # the second stage's summary
+    release.set()
+    session.suspend()
+    session.wait_finished()
+    assert [a[0] for a in first.artifacts].count(keys.POWER_PNG) == 2  # both stages' charts, in stage order
+    assert first.closings == 1 and not unused.started
+    session.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("wattlog-")]
 
 

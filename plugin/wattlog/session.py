@@ -16,7 +16,9 @@ It imports no torch, lightning, mlflow or hydra. The training thread calls:
 Lifecycle: :meth:`open` (a stage starts: sink and meter) ... :meth:`end_stage` ... :meth:`suspend`
 (the stage's sink is closed, by a ``wattlog-finish`` thread once ``power.png`` is in it; no thread,
 process or file stays open past that), then :meth:`open` again with a
-new sink for the next stage of the same run (the totals continue), or :meth:`close`.
+new sink for the next stage of the same run (the totals continue), or :meth:`close`. A next stage
+that opens while the last one's chart is still drawn, with a sink to the same destination, takes
+the last stage's sink over instead of waiting (:class:`~wattlog.finisher.StageFinisher`).
 
 Logged keys (see :mod:`wattlog.keys`): per train step ``energy/step_j``, ``energy/power_w``,
 ``energy/total_j``, ``energy/emissions_g``, ``energy/gpu_power_w`` (GPU measured) and
@@ -47,6 +49,7 @@ from wattlog import keys
 from wattlog.errors import SourceUnavailable, WattlogError, degrade, strict_mode
 from wattlog.ledger import EnergyLedger, StepAggregator, StepEnd, StepLabel, StepRecord
 from wattlog.options import MonitorOptions
+from wattlog.finisher import StageFinisher
 from wattlog.sinks.base import split_primary
 from wattlog.sinks.spool import Point
 
@@ -157,8 +160,8 @@ class EnergySession:
         self._degraded: list[str] = []
         self._params_logged = False
         self._closed = False
-        self._chart: Any = None  # the stage's power.png (rows, estimated kinds), drawn by _finish()
-        self._finishing: threading.Thread | None = None  # closes the last stage's sink once its chart is in
+        self._chart: Any = None  # the stage's power.png (rows, estimated kinds), drawn at its end
+        self._finisher = StageFinisher()  # draws it and closes the stage's sink, off the training thread
         self._pump: Any = None  # the stage's wattlog.pump.Pump, started by the first log_step()
         self.awaits_log_step = True  # hot paths call log_step() at a boundary only while this is True: no pump
         # started yet for the stage, or the pump kept an exception for the training thread
@@ -181,13 +184,14 @@ class EnergySession:
             raise WattlogError("EnergySession.open() after close()")
         if self._meter is not None:
             return
-        self.wait_finished()  # the last stage's sink is closed before this stage's starts
         from wattlog.meter import EnergyMeter
 
         if not self._choices:
             self._select_sources()
         meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.options.sample_interval_s)
         domains = meter.start()  # before the sink starts its delivery process: measure from the first hook
+        # the last stage's sink if it is still drawing its chart (once the meter runs: never left adopted)
+        sink = self._finisher.adopt(sink)
         if self.rank == 0 and self.sink is None:
             try:
                 sink.start()
@@ -232,10 +236,11 @@ class EnergySession:
     def suspend(self) -> None:
         """Between stages: stop measuring and close the stage's sink (bounded by ``delivery_timeout_s``).
 
-        The stage's ``power.png`` is drawn from here on (after the stage end's flush): a ``wattlog-finish``
-        thread puts it into the primary sink once drawn and closes that sink (not a daemon thread: the
-        interpreter waits for it at exit), so the caller does not wait for the drawing. :meth:`open` and
-        :meth:`close` wait for it; so does strict mode, here, so that a failed chart raises to the caller.
+        The stage's ``power.png`` is drawn from here on (after the stage end's flush), on a
+        ``wattlog-finish`` thread that then closes the primary sink (:class:`~wattlog.finisher.StageFinisher`):
+        the caller does not wait for the drawing, and a next stage of the same run takes the sink over
+        instead of waiting. :meth:`close` waits for it; so does strict mode, here, so that a failed chart
+        raises to the caller.
         """
         try:
             self.stop(collective=False)
@@ -249,18 +254,13 @@ class EnergySession:
                 for other in others:  # the trainer's other loggers: closed here, on the caller's thread
                     other.close(self.options.delivery_timeout_s)
             finally:
-                if chart is not None and primary is not None and not strict_mode():
-                    self._finishing = threading.Thread(target=self._finish, args=(chart, primary),
-                                                       name="wattlog-finish")
-                    self._finishing.start()
-                else:
-                    self._finish(chart, primary)
+                self._finisher.finish(primary, None if chart is None else lambda s: self._draw_chart(chart, s),
+                                      lambda s: s.close(self.options.delivery_timeout_s),
+                                      background=chart is not None and not strict_mode())
 
     def wait_finished(self) -> None:
         """Wait until the last stage's sink is closed (its chart drawn and delivered): see :meth:`suspend`."""
-        finishing, self._finishing = self._finishing, None
-        if finishing is not None:
-            finishing.join()
+        self._finisher.wait()
 
     def close(self) -> None:
         """Suspend and release everything (the trace file is deleted); idempotent."""
@@ -659,20 +659,15 @@ class EnergySession:
         estimated = ",".join(c.kind for c in self._choices if c.estimated) or None
         self._chart = (self.ledger.trace.plot_rows(), estimated)  # drawn once the stage's sink is flushed
 
-    def _finish(self, chart: Any, sink: Any) -> None:
-        """Draw the stage's power.png (``chart``: its rows and estimated kinds) into ``sink`` (a failed
-        chart degrades, and is tagged), then close the sink."""
-        try:
-            if chart is not None and sink is not None:
-                from wattlog.artifacts import draw_into
+    def _draw_chart(self, chart: Any, sink: Any) -> None:
+        """Draw the stage's power.png (``chart``: its rows and estimated kinds) into ``sink``; a failed
+        chart degrades, and is tagged."""
+        from wattlog.artifacts import draw_into
 
-                error = draw_into(sink, *chart, self.options.delivery_timeout_s)
-                if error is not None:  # a chart must not fail the run (matplotlib missing or broken)
-                    self._degrade(f"power.png skipped: {type(error).__name__}: {error}", error)
-                    self._set_changed_tags(sink)
-        finally:
-            if sink is not None:
-                sink.close(self.options.delivery_timeout_s)
+        error = draw_into(sink, *chart, self.options.delivery_timeout_s)
+        if error is not None:  # a chart must not fail the run (matplotlib missing or broken)
+            self._degrade(f"power.png skipped: {type(error).__name__}: {error}", error)
+            self._set_changed_tags(sink)
 
     def _note_meter(self, meter: Any) -> None:
         for reason in meter.degraded:

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,17 @@ class LocalSink:
         self._writer: Any = None
         self._params: dict[str, object] = {}
         self._tags: dict[str, object] = {}
+        self._json_lock = threading.Lock()  # tags from a finishing stage's chart thread (wattlog.finisher)
+
+    @property
+    def destination(self) -> tuple[str, str]:
+        """Where it writes: two sinks with the same destination are one stream (wattlog.finisher)."""
+        return ("local", str(self.directory.absolute()))
 
     def start(self) -> None:
+        """Open the folder (idempotent)."""
+        if self._points_f is not None:
+            return
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.directory / "points.csv"
         new = not path.exists()
@@ -169,9 +179,10 @@ class LocalSink:
     def _write_json(self, name: str, data: dict[str, object]) -> None:
         if self._points_f is None:
             return
-        tmp = self.directory / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.directory / name)
+        with self._json_lock:
+            tmp = self.directory / f".{name}.tmp"
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.directory / name)
 
 
 class LoggerSink:

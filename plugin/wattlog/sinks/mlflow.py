@@ -35,6 +35,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -106,6 +107,12 @@ class MlflowSink:
         self._child_ready = False  # the delivery process said "ready" (it may have sent something)
         self._here: Follower | None = None  # delivery taken over by this process (see the module docstring)
         self._held: list[tuple[str, str]] = []  # its reports, applied after each send (never inside it)
+        self._append_lock = threading.Lock()  # a finishing stage's chart thread appends too (wattlog.finisher)
+
+    @property
+    def destination(self) -> tuple[str, str, str, str]:
+        """Where it writes: two sinks with the same destination share one spool (wattlog.finisher)."""
+        return ("mlflow", self.run_id, str(self._spool_dir), self._tracking_uri or "")
 
     @property
     def spool_path(self) -> Path:
@@ -331,6 +338,10 @@ class MlflowSink:
     def _append(self, records: list[Record], what: str) -> None:
         if not records:
             return
+        with self._append_lock:
+            self._append_locked(records, what)
+
+    def _append_locked(self, records: list[Record], what: str) -> None:
         if self._closed or self._fd is None:
             self._policy("closed", f"{what} logged while the sink is not open were dropped")
             return
