@@ -29,7 +29,8 @@ see them), so every peer runs unmodified. Two parts:
    its final reading to that ``teardown``).
 
 A peer that is not installed is skipped with a message. Writes a markdown table to ``--out`` and the raw results
-next to it (``.jsonl``).
+next to it (``.jsonl``). ``--readme README.md`` then copies the overhead and per-step error tables, whole, into
+that file's performance section (``--readme-only``: copy from an existing ``--out`` without running anything).
 """
 
 from __future__ import annotations
@@ -95,9 +96,16 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "peers.md"))
     ap.add_argument("--short-steps", type=int, default=30)
     ap.add_argument("--coverage-steps", type=int, default=2400)
+    ap.add_argument("--readme", help="copy the overhead and error tables into this markdown file")
+    ap.add_argument("--readme-only", action="store_true", help="only copy them, from an existing --out")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
+    if args.readme_only:
+        if not args.readme:
+            ap.error("--readme-only needs --readme PATH")
+        copy_tables(args.out, args.readme)
+        return
     skipped = sorted({need for _, _, need in FIT + ACC if need and not available(need)})
     for name in skipped:
         print(f"{name} is not installed (pip install -e '.[bench]'): its columns are skipped", flush=True)
@@ -159,6 +167,37 @@ def main() -> None:
                         print(f"accuracy {name:10s} counter {counter:5.0f} ms: median {100 * out['median_err']:.1f} %"
                               f", p95 {100 * out['p95_err']:.1f} %", flush=True)
     write(args, rows, fit_cfgs, acc_cfgs, skipped, started)
+    if args.readme:
+        copy_tables(args.out, args.readme)
+
+
+TABLE_HEADS = ("| figure | wattlog | wattlog, log every step", "| energy counter period |")
+"""The first row of each table copied into the README: the overhead table, the per-step error table."""
+
+
+def _tables(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line index of every block of consecutive table lines."""
+    out: list[tuple[int, int]] = []
+    for i, line in enumerate(lines):
+        if line.startswith("|"):
+            out.append((out.pop()[0], i) if out and out[-1][1] == i - 1 else (i, i))
+    return out
+
+
+def copy_tables(results_md: str, readme: str) -> None:
+    """Replace the first of ``readme``'s tables that starts like each of TABLE_HEADS with the results' first."""
+    src = open(results_md, encoding="utf-8").read().splitlines()
+    dst = open(readme, encoding="utf-8").read().splitlines()
+    for head in TABLE_HEADS:
+        found = [t for t in _tables(src) if src[t[0]].startswith(head)]
+        into = [t for t in _tables(dst) if dst[t[0]].startswith(head)]
+        if not found or not into:
+            raise SystemExit(f"no table starting {head!r} in {results_md if not found else readme}")
+        (a, b), (c, d) = found[0], into[0]
+        dst = dst[:c] + src[a:b + 1] + dst[d + 1:]
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write("\n".join(dst) + "\n")
+    print(f"copied {len(TABLE_HEADS)} tables from {results_md} into {readme}")
 
 
 GAPS = [("before_setup", "Lightning, fit() entry to the first callback's setup"),
