@@ -55,3 +55,17 @@ def test_a_sink_without_a_destination_is_never_shared():
     assert finisher.adopt(plain) is plain
     finisher.finish(None, None, lambda sink: None, background=True)  # no sink: nothing to do
     finisher.wait()
+
+
+def test_a_stage_that_took_the_sink_over_and_could_not_start_hands_it_back():
+    finisher, held = StageFinisher(), threading.Event()
+    first = Sink()
+    finisher.finish(first, lambda sink: held.wait(30), lambda sink: sink.log.append("closed"), background=True)
+    assert finisher.adopt(Sink()) is first and finisher.adopted(first)
+    held.set()
+    finisher._job.thread.join()  # its stage went past closing: adopted, so it left the sink open
+    assert first.log == []
+    finisher.release(first)  # the next stage's start failed
+    assert first.log == ["closed"] and not finisher.adopted(first)
+    finisher.release(first)  # once
+    assert first.log == ["closed"]

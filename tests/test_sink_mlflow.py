@@ -1040,9 +1040,32 @@ def test_taking_over_from_a_delivery_process_that_may_have_sent_deduplicates(sto
     assert_exactly_once(client, run_id, 4)
 
 
-@pytest.mark.parametrize("uri, here", [("sqlite:///x.db", True), ("postgresql://u@h/db", True), ("file:///m", True),
-                                       ("http://h:5000", False), ("HTTPS://h", False), ("databricks", False),
-                                       ("databricks://profile", False)])
+@pytest.mark.parametrize("uri, here", [("sqlite:///x.db", True), ("file:///m", True), ("/tmp/mlruns", True),
+                                       ("mlruns", True), ("postgresql://u@h/db", False),
+                                       ("mysql+pymysql://u@h/db", False), ("http://h:5000", False),
+                                       ("HTTPS://h", False), ("databricks", False), ("databricks://profile", False)])
 def test_delivery_is_taken_over_only_for_local_stores(uri, here):
-    """Over HTTP the client's own retries could hold the training thread for minutes: no take-over."""
+    """A server's or a database's client retries for minutes when it is down: no take-over there."""
     assert MlflowSink("r1", uri)._can_take_over() is here
+
+
+def test_a_taken_over_sink_started_again_by_a_next_stage_gets_a_delivery_process(store, tmp_path, monkeypatch):
+    """validate() (short: delivered here) then fit() through the same sink (wattlog.finisher): the fit's
+    points reach MLflow while it runs, from a new delivery process, each once."""
+    uri, client, run_id = store
+    real_spawn = MlflowSink._spawn
+    monkeypatch.setattr(MlflowSink, "_spawn", spawn_stand_in("import time; time.sleep(120)"))
+    sink = MlflowSink(run_id, uri, spool_dir=tmp_path / "spool")
+    sink.start()
+    for step_points in make_points(2):
+        sink.log_points(step_points)
+    assert sink.flush(timeout_s=60) and sink.delivery_pid is None  # taken over
+    monkeypatch.setattr(MlflowSink, "_spawn", real_spawn)
+    sink.start()  # the next stage
+    assert sink.delivery_pid is not None
+    for step_points in make_points(3, step0=2):
+        sink.log_points(step_points)
+    wait_ready(sink)
+    assert sink.flush(timeout_s=120) and sink.delivery_pid is not None  # delivered by the process
+    sink.close()
+    assert_exactly_once(client, run_id, 5)

@@ -19,10 +19,11 @@ __all__ = ["StageFinisher"]
 
 
 class _Job:
-    __slots__ = ("sink", "thread", "adopted", "closing")
+    __slots__ = ("sink", "close", "thread", "adopted", "closing")
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: Any, close: Callable[[Any], None]) -> None:
         self.sink = sink
+        self.close = close
         self.thread: threading.Thread | None = None
         self.adopted = False  # a next stage writes through this sink and closes it itself
         self.closing = False  # past the point where it could be adopted
@@ -41,7 +42,7 @@ class StageFinisher:
         ``background``, else here (strict mode: a failure raises to the caller)."""
         if sink is None:
             return
-        previous, job = self._job, _Job(sink)
+        previous, job = self._job, _Job(sink, close)
         self._job = job
 
         def run() -> None:
@@ -77,6 +78,26 @@ class StageFinisher:
                     return MultiSink([job.sink, *others]) if others else job.sink
         self.wait()
         return sink
+
+    def adopted(self, sink: Any) -> bool:
+        """``sink`` is a finishing stage's, taken over by the stage that runs now."""
+        job = self._job
+        return job is not None and job.adopted and job.sink is sink
+
+    def release(self, sink: Any) -> None:
+        """A stage that took ``sink`` over could not start: its finishing stage closes it after all
+        (here, once its chart is in, if that stage already went past closing)."""
+        primary, _others = split_primary(sink)
+        job = self._job
+        if job is None or not job.adopted or job.sink is not primary:
+            return
+        with self._lock:
+            job.adopted = False
+        if job.thread is not None:
+            job.thread.join()
+        if not job.closing:
+            job.closing = True
+            job.close(primary)
 
     def wait(self) -> None:
         """Until every stage's chart is in and its sink closed (or adopted)."""

@@ -18,7 +18,8 @@ Lifecycle: :meth:`open` (a stage starts: sink and meter) ... :meth:`end_stage` .
 process or file stays open past that), then :meth:`open` again with a
 new sink for the next stage of the same run (the totals continue), or :meth:`close`. A next stage
 that opens while the last one's chart is still drawn, with a sink to the same destination, takes
-the last stage's sink over instead of waiting (:class:`~wattlog.finisher.StageFinisher`).
+the last stage's sink over instead of waiting (:class:`~wattlog.finisher.StageFinisher`): that sink
+then stays open until the later stage's end.
 
 Logged keys (see :mod:`wattlog.keys`): per train step ``energy/step_j``, ``energy/power_w``,
 ``energy/total_j``, ``energy/emissions_g``, ``energy/gpu_power_w`` (GPU measured) and
@@ -197,6 +198,7 @@ class EnergySession:
                 sink.start()
             except BaseException:
                 meter.close()
+                self._finisher.release(sink)
                 raise
             self.sink = sink
         self._meter, self._drained_j = meter, {}
@@ -667,7 +669,8 @@ class EnergySession:
         error = draw_into(sink, *chart, self.options.delivery_timeout_s)
         if error is not None:  # a chart must not fail the run (matplotlib missing or broken)
             self._degrade(f"power.png skipped: {type(error).__name__}: {error}", error)
-            self._set_changed_tags(sink)
+            if not self._finisher.adopted(sink):  # else the running stage's end sends the tag, to all sinks
+                self._set_changed_tags(sink)
 
     def _note_meter(self, meter: Any) -> None:
         for reason in meter.degraded:

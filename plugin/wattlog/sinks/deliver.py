@@ -309,5 +309,8 @@ if __name__ == "__main__":
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     exit_code = main()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except OSError:  # the parent is gone (a broken pipe)
+        pass
     os._exit(exit_code)  # acks are flushed and closed: skip MLflow's and SQLAlchemy's interpreter teardown

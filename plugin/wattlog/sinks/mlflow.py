@@ -10,10 +10,11 @@ order with ``log_batch``, survives outages, and exits when the sink is closed or
 
 One exception, for short stages: importing mlflow and opening the store takes the delivery process
 ~2.5 s, so a stage shorter than that would wait for it at its final flush. When :meth:`~MlflowSink.flush`
-finds the process not yet ready (it has sent nothing), the store local (not ``http(s)``/``databricks``,
-whose requests retry for minutes inside a client) and mlflow already imported here, the sink takes
-delivery over: it stops the process and delivers from the spool itself, on the flushing thread and,
+finds the process not yet ready (it has sent nothing), the store local (sqlite, a file store: a
+server's or a database's client retries for minutes when it is down) and mlflow already imported here,
+the sink takes delivery over: it stops the process and delivers from the spool itself, on the flushing thread and,
 until :meth:`~MlflowSink.close`, on the closing one (the same follower code, acks and de-duplication).
+A next stage that takes such a sink over (:mod:`wattlog.finisher`) starts a delivery process again.
 Whatever it could not deliver in time stays in the spool for ``wattlog sync`` (exactly once: acks
 plus de-duplication against the run).
 
@@ -134,6 +135,10 @@ class MlflowSink:
                 temporary spool is used otherwise).
         """
         if self._fd is not None:
+            if self._here is not None and self._deliver:  # a next stage took this sink over: it may be long
+                self._here.close()
+                self._here, self._child_ready = None, False
+                self._spawn()  # the ack file has history: its first send de-duplicates
             return
         if self._closed:
             raise SinkError("MlflowSink.start() after close()")
@@ -198,7 +203,7 @@ class MlflowSink:
         if self._here is None and self._proc is not None and not self._child_ready and self._can_take_over():
             self._take_over()
         if self._here is not None:
-            return self._deliver_here(deadline)
+            return self._deliver_here(deadline) and self._delivered_through(target)
         self._tell(b"wake\n")
         while True:
             self._read_reports()
@@ -228,9 +233,12 @@ class MlflowSink:
         left = False
         if self._here is not None:
             try:
-                left = not self._deliver_here(time.monotonic() + timeout_s)
+                left = not (self._deliver_here(time.monotonic() + timeout_s)
+                            and self._delivered_through(self._next_seq - 1))
             finally:
                 self._here.close()
+                self._here = None
+                self._close_fd()
         elif self._proc is not None:
             self._tell(f"close {timeout_s}\n".encode())
             try:
@@ -248,14 +256,10 @@ class MlflowSink:
                 left = self._proc.returncode != 0
                 self._proc.stdout.close()  # type: ignore[union-attr]
                 self._proc = None
-                if self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
+                self._close_fd()
         elif self._fd is not None and self._deliver:
             left = True
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_fd()
         if left and not any(kind == "left" for kind, _ in self._reports):
             self._policy("left", f"records were not delivered to MLflow; they are in {self.spool_path}: "
                          f"run `wattlog sync --spool {self.spool_path}`")
@@ -370,6 +374,12 @@ class MlflowSink:
             self._policy("spool-write", f"cannot write the spool {self.spool_path} ({describe(err)}); "
                          f"{len(records) - done} records were not recorded (further failures are not reported)")
 
+    def _close_fd(self) -> None:
+        with self._append_lock:  # never under a concurrent append (a finishing stage's chart)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
     def _tell(self, line: bytes) -> None:
         if self._proc is None or self._proc.stdin is None:
             return
@@ -412,8 +422,11 @@ class MlflowSink:
     # ------------------------------------------------------------------ delivery taken over (short stages)
 
     def _can_take_over(self) -> bool:
-        scheme = self._uri.split(":", 1)[0].lower()
-        return "mlflow" in sys.modules and scheme not in {"http", "https", "databricks", "uc"}
+        """A store this process reaches without network retries: sqlite, a file store or a plain path
+        (a server's or a database's client retries for minutes when it is down)."""
+        scheme = self._uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", self._uri) else ""
+        plain_path = scheme == "" and not self._uri.lower().startswith("databricks")  # "databricks": a profile
+        return "mlflow" in sys.modules and (plain_path or scheme in {"sqlite", "file"})
 
     def _take_over(self) -> None:
         """Stop the delivery process (still starting up) and follow the spool here from now on."""
@@ -446,9 +459,9 @@ class MlflowSink:
                 self._report(kind, message)
             if done:
                 return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             if not progressed:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
                 time.sleep(0.05)  # a backoff after a failed send
 
     def _key_ok(self, key: str, what: str = "points with invalid MLflow metric key") -> bool:
