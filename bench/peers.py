@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "peers.md"))
     ap.add_argument("--short-steps", type=int, default=30)
     ap.add_argument("--coverage-steps", type=int, default=2400)
+    ap.add_argument("--tools", help="comma-separated fit configurations to run (default: all installed), e.g. "
+                    "wattlog,wattlog_every1: shorter rounds, less drift between a tool and its no-tool run")
     ap.add_argument("--readme", help="copy the overhead and error tables into this markdown file")
     ap.add_argument("--readme-only", action="store_true", help="only copy them, from an existing --out")
     ap.add_argument("--skip-fit", action="store_true")
@@ -110,6 +112,12 @@ def main() -> None:
     for name in skipped:
         print(f"{name} is not installed (pip install -e '.[bench]'): its columns are skipped", flush=True)
     fit_cfgs = [c for c in FIT if available(c[2])]
+    if args.tools:
+        wanted = args.tools.split(",")
+        unknown = sorted(set(wanted) - {c[0] for c in FIT})
+        if unknown:
+            ap.error(f"--tools: unknown {', '.join(unknown)} (known: {', '.join(c[0] for c in FIT)})")
+        fit_cfgs = [c for c in fit_cfgs if c[0] in wanted]
     acc_cfgs = [c for c in ACC if available(c[2])]
     started = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     rows: list[dict] = []
@@ -236,7 +244,8 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
 
     lines = [f"# wattlog vs peers ({started}; `bench/peers.py --rounds {args.rounds} --steps {args.steps} "
              f"--acc-steps {args.acc_steps} --short-steps {args.short_steps} --coverage-steps "
-             f"{args.coverage_steps}`)", ""]
+             f"{args.coverage_steps}{' --tools ' + args.tools if args.tools else ''}"
+             f"{' --skip-accuracy' if args.skip_accuracy else ''}`)", ""]
     lines += ["Simulated GPUs under the real pynvml (bench/simgpu.py), each measurement in a fresh process, "
               "rounds interleaved; median [min, max] over rounds. Machine: "
               f"{os.cpu_count()} CPUs, shared with other jobs (timings are noisy; read ratios and orders of "

@@ -95,6 +95,21 @@ def _grab_sink(monitor: EnergyMonitor, into: dict):
     return grab
 
 
+def _kill_once_delivering(server, grabbed: dict, limit_s: float = 120.0):
+    """An action for :func:`at_steps`: once the grabbed sink's delivery process has delivered something
+    (it is past its start-up, so the outage hits it), kill the server."""
+    import time
+
+    def kill() -> None:
+        deadline = time.monotonic() + limit_s
+        while not read_acks(ack_file(grabbed["sink"].spool_path)).ranges:
+            assert time.monotonic() < deadline, "the delivery process never delivered"
+            time.sleep(0.05)
+        server.kill()
+
+    return kill
+
+
 def _exited(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -139,9 +154,10 @@ def test_server_killed_mid_fit_and_restarted_every_point_once(server, tmp_path, 
     logger = MLFlowLogger(experiment_name="faults", tracking_uri=server.uri)
     monitor = _monitor(tmp_path / "spool", delivery_timeout_s=120)  # the end of fit waits for the backlog
     grabbed: dict = {}
-    # SIGKILL at step 15; restart (on the same port and database) at step 35, blocking the training
-    # thread for the seconds the server needs: meanwhile the delivery process keeps retrying.
-    chaos = at_steps({5: _grab_sink(monitor, grabbed), 15: server.kill, 35: server.start})
+    # SIGKILL at step 15 (once the delivery process is past its start-up); restart (on the same port and
+    # database) at step 35, blocking the training thread for the seconds the server needs: meanwhile the
+    # delivery process keeps retrying.
+    chaos = at_steps({5: _grab_sink(monitor, grabbed), 15: _kill_once_delivering(server, grabbed), 35: server.start})
     trainer = _trainer(tmp_path, [monitor, chaos], logger, n_steps)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
