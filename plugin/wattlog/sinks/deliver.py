@@ -216,6 +216,38 @@ class Follower:
             self._ack_f = None
 
 
+class InProcessDelivery:
+    """A :class:`Follower` run on the caller's thread, for a sink that took delivery over from its
+    process (:class:`~wattlog.sinks.mlflow.MlflowSink`): reports are held during each send and handed
+    to ``report(kind, message)`` after it, which may raise (strict mode) without breaking the follower."""
+
+    def __init__(self, path: str | os.PathLike[str], tracking_uri: str, report: Callable[[str, str], None],
+                 dedupe: bool | None = None) -> None:
+        self._held: list[tuple[str, str]] = []
+        self._report = report
+        self._follower = Follower(path, tracking_uri, report=lambda kind, message: self._held.append((kind, message)),
+                                  dedupe=dedupe)
+
+    def deliver_until(self, deadline: float | None) -> bool:
+        """Send until nothing is pending (True) or ``deadline`` (``time.monotonic()``) passes (False)."""
+        while True:
+            self._follower.poll()
+            done = self._follower.pending == 0
+            progressed = False if done else self._follower.deliver()
+            held, self._held = self._held, []
+            for kind, message in held:
+                self._report(kind, message)
+            if done:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if not progressed:
+                time.sleep(0.05)  # a backoff after a failed send
+
+    def close(self) -> None:
+        self._follower.close()
+
+
 def follow(follower: Follower, commands: Any, poll_interval_s: float = 0.2) -> int:
     """Deliver until told to close (or the parent is gone) and caught up, or the close timeout passes.
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from wattlog.errors import ConfigError, SinkError, WattlogWarning, strict_mode
 from wattlog.sinks import spool as _spool
-from wattlog.sinks.deliver import URI_ENV, Follower
+from wattlog.sinks.deliver import URI_ENV, InProcessDelivery
 from wattlog.sinks.spool import ArtifactRecord, Point, Record, RunRecord, default_spool_dir, redact_text, redact_uri
 from wattlog.sinks.sync import SyncResult, describe, register_cli, resolve_uri, sync
 
@@ -106,8 +106,7 @@ class MlflowSink:
         self._report_buf = b""
         self._closed = False
         self._child_ready = False  # the delivery process said "ready" (it may have sent something)
-        self._here: Follower | None = None  # delivery taken over by this process (see the module docstring)
-        self._held: list[tuple[str, str]] = []  # its reports, applied after each send (never inside it)
+        self._here: InProcessDelivery | None = None  # delivery taken over (see the module docstring)
         self._append_lock = threading.Lock()  # a finishing stage's chart thread appends too (wattlog.finisher)
 
     @property
@@ -203,7 +202,7 @@ class MlflowSink:
         if self._here is None and self._proc is not None and not self._child_ready and self._can_take_over():
             self._take_over()
         if self._here is not None:
-            return self._deliver_here(deadline) and self._delivered_through(target)
+            return self._here.deliver_until(deadline) and self._delivered_through(target)
         self._tell(b"wake\n")
         while True:
             self._read_reports()
@@ -233,7 +232,7 @@ class MlflowSink:
         left = False
         if self._here is not None:
             try:
-                left = not (self._deliver_here(time.monotonic() + timeout_s)
+                left = not (self._here.deliver_until(time.monotonic() + timeout_s)
                             and self._delivered_through(self._next_seq - 1))
             finally:
                 self._here.close()
@@ -443,26 +442,8 @@ class MlflowSink:
                     pipe.close()  # type: ignore[union-attr]
                 except OSError:
                     pass
-        self._here = Follower(self.spool_path, self._uri, report=lambda *kind_message: self._held.append(kind_message),
-                              dedupe=True if self._child_ready else None)
-
-    def _deliver_here(self, deadline: float | None) -> bool:
-        """Deliver what the spool holds until it is all acknowledged (True) or ``deadline`` passes."""
-        assert self._here is not None
-        while True:
-            self._here.poll()
-            done = self._here.pending == 0
-            if not done:
-                progressed = self._here.deliver()
-            held, self._held[:] = list(self._held), []
-            for kind, message in held:
-                self._report(kind, message)
-            if done:
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            if not progressed:
-                time.sleep(0.05)  # a backoff after a failed send
+        self._here = InProcessDelivery(self.spool_path, self._uri, self._report,
+                                       dedupe=True if self._child_ready else None)
 
     def _key_ok(self, key: str, what: str = "points with invalid MLflow metric key") -> bool:
         try:
