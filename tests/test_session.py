@@ -386,6 +386,29 @@ def test_the_next_stage_of_the_run_takes_the_finishing_sink_over_without_waiting
     assert not [t for t in threading.enumerate() if t.name.startswith("wattlog-")]
 
 
+def test_a_next_stage_that_measures_the_cpu_waits_for_the_chart_before_measuring(gpu, monkeypatch):
+    """The chart process is in this process tree: drawn alongside the next stage, its CPU would be
+    billed to that stage's CPU estimate. So a stage with a CPU or RAM source waits, then opens its own
+    sink."""
+    import wattlog.artifacts
+
+    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
+    release = threading.Event()
+    monkeypatch.setattr(_Chart, "release", release)
+    monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
+    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="estimate", ram="none")
+    session = EnergySession(opts, gpus=[0], log_every_n_steps=1)
+    first, second = _RunSink(), _RunSink()
+    session.open(first)
+    _stage(session)
+    session.suspend()
+    threading.Timer(0.3, release.set).start()
+    session.open(second)  # waits for the first stage's chart and close
+    assert first.closed and first.closings == 1 and session.sink is second and second.started
+    assert keys.POWER_PNG in [a[0] for a in first.artifacts]
+    session.close()
+
+
 def _stage_with_failing_chart(monkeypatch, message: str) -> tuple[EnergySession, MemorySink]:
     import wattlog.artifacts
 

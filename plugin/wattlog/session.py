@@ -17,9 +17,11 @@ Lifecycle: :meth:`open` (a stage starts: sink and meter) ... :meth:`end_stage` .
 (the stage's sink is closed, by a ``wattlog-finish`` thread once ``power.png`` is in it; no thread,
 process or file stays open past that), then :meth:`open` again with a
 new sink for the next stage of the same run (the totals continue), or :meth:`close`. A next stage
-that opens while the last one's chart is still drawn, with a sink to the same destination, takes
-the last stage's sink over instead of waiting (:class:`~wattlog.finisher.StageFinisher`): that sink
-then stays open until the later stage's end.
+that measures no CPU or RAM and opens while the last one's chart is still drawn, with a sink to the
+same destination, takes the last stage's sink over instead of waiting
+(:class:`~wattlog.finisher.StageFinisher`): that sink then stays open until the later stage's end. A
+stage that measures CPU or RAM waits, before it starts measuring, so that the chart process's CPU is
+not billed to it.
 
 Logged keys (see :mod:`wattlog.keys`): per train step ``energy/step_j``, ``energy/power_w``,
 ``energy/total_j``, ``energy/emissions_g``, ``energy/gpu_power_w`` (GPU measured) and
@@ -189,6 +191,8 @@ class EnergySession:
 
         if not self._choices:
             self._select_sources()
+        if any(c.source is not None and c.kind in ("cpu", "ram") for c in self._choices):
+            self._finisher.wait()  # the last stage's chart process would be billed to this stage's CPU/RAM
         meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.options.sample_interval_s)
         domains = meter.start()  # before the sink starts its delivery process: measure from the first hook
         # the last stage's sink if it is still drawing its chart (once the meter runs: never left adopted)
@@ -240,8 +244,8 @@ class EnergySession:
 
         The stage's ``power.png`` is drawn from here on (after the stage end's flush), on a
         ``wattlog-finish`` thread that then closes the primary sink (:class:`~wattlog.finisher.StageFinisher`):
-        the caller does not wait for the drawing, and a next stage of the same run takes the sink over
-        instead of waiting. :meth:`close` waits for it; so does strict mode, here, so that a failed chart
+        the caller does not wait for the drawing, and a next stage of the same run that measures no CPU
+        or RAM takes the sink over instead of waiting (see :meth:`open`). :meth:`close` waits for it; so does strict mode, here, so that a failed chart
         raises to the caller.
         """
         try:
