@@ -357,22 +357,28 @@ class _RunSink(MemorySink):
         super().close(timeout_s)
 
 
-def test_the_next_stage_of_the_run_takes_the_finishing_sink_over_without_waiting(gpu, monkeypatch):
-    """fit() then test(): the test stage starts while fit's chart is still drawn, writes through fit's
-    sink (one stream, one writer), the chart lands in it when drawn, and the sink is closed once, by the
-    last stage's end."""
+def _stage_with_held_chart(monkeypatch, cpu: str) -> tuple[EnergySession, _RunSink, threading.Event]:
+    """One stage through a _RunSink, suspended; its chart is held until the returned event is set."""
     import wattlog.artifacts
 
     monkeypatch.delenv("WATTLOG_STRICT", raising=False)
     release = threading.Event()
     monkeypatch.setattr(_Chart, "release", release)
     monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
-    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="none", ram="none")
-    session = EnergySession(opts, gpus=[0], log_every_n_steps=1)
-    first, unused = _RunSink(), _RunSink()
+    session = EnergySession(MonitorOptions.from_kwargs(gpus=[0], cpu=cpu, ram="none"), gpus=[0], log_every_n_steps=1)
+    first = _RunSink()
     session.open(first)
     _stage(session)
     session.suspend()
+    return session, first, release
+
+
+def test_the_next_stage_of_the_run_takes_the_finishing_sink_over_without_waiting(gpu, monkeypatch):
+    """fit() then test(): the test stage starts while fit's chart is still drawn, writes through fit's
+    sink (one stream, one writer), the chart lands in it when drawn, and the sink is closed once, by the
+    last stage's end."""
+    session, first, release = _stage_with_held_chart(monkeypatch, cpu="none")
+    unused = _RunSink()
     session.open(unused)  # returns while the chart is held: no wait
     assert session.sink is first and not unused.started and not first.closed
     _stage(session, steps=2)
@@ -390,18 +396,8 @@ def test_a_next_stage_that_measures_the_cpu_waits_for_the_chart_before_measuring
     """The chart process is in this process tree: drawn alongside the next stage, its CPU would be
     billed to that stage's CPU estimate. So a stage with a CPU or RAM source waits, then opens its own
     sink."""
-    import wattlog.artifacts
-
-    monkeypatch.delenv("WATTLOG_STRICT", raising=False)
-    release = threading.Event()
-    monkeypatch.setattr(_Chart, "release", release)
-    monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
-    opts = MonitorOptions.from_kwargs(gpus=[0], cpu="estimate", ram="none")
-    session = EnergySession(opts, gpus=[0], log_every_n_steps=1)
-    first, second = _RunSink(), _RunSink()
-    session.open(first)
-    _stage(session)
-    session.suspend()
+    session, first, release = _stage_with_held_chart(monkeypatch, cpu="estimate")
+    second = _RunSink()
     threading.Timer(0.3, release.set).start()
     session.open(second)  # waits for the first stage's chart and close
     assert first.closed and first.closings == 1 and session.sink is second and second.started
