@@ -357,7 +357,7 @@ class _RunSink(MemorySink):
         super().close(timeout_s)
 
 
-def _stage_with_held_chart(monkeypatch, cpu: str) -> tuple[EnergySession, _RunSink, threading.Event]:
+def _stage_with_held_chart(monkeypatch, cpu: str, **options) -> tuple[EnergySession, _RunSink, threading.Event]:
     """One stage through a _RunSink, suspended; its chart is held until the returned event is set."""
     import wattlog.artifacts
 
@@ -365,7 +365,7 @@ def _stage_with_held_chart(monkeypatch, cpu: str) -> tuple[EnergySession, _RunSi
     release = threading.Event()
     monkeypatch.setattr(_Chart, "release", release)
     monkeypatch.setattr(wattlog.artifacts, "ChartJob", _Chart)
-    session = EnergySession(MonitorOptions.from_kwargs(gpus=[0], cpu=cpu, ram="none"), gpus=[0], log_every_n_steps=1)
+    session = EnergySession(MonitorOptions.from_kwargs(gpus=[0], cpu=cpu, ram="none", **options), gpus=[0], log_every_n_steps=1)
     first = _RunSink()
     session.open(first)
     _stage(session)
@@ -392,16 +392,27 @@ def test_the_next_stage_of_the_run_takes_the_finishing_sink_over_without_waiting
     assert not [t for t in threading.enumerate() if t.name.startswith("wattlog-")]
 
 
-def test_a_next_stage_that_measures_the_cpu_waits_for_the_chart_before_measuring(gpu, monkeypatch):
-    """The chart process is in this process tree: drawn alongside the next stage, its CPU would be
-    billed to that stage's CPU estimate. So a stage with a CPU or RAM source waits, then opens its own
-    sink."""
-    session, first, release = _stage_with_held_chart(monkeypatch, cpu="estimate")
+def test_a_next_stage_whose_cpu_reading_sees_the_chart_waits_for_it_before_measuring(gpu, monkeypatch):
+    """A machine-wide CPU estimate (like a RAPL package counter) sees the chart process: drawn alongside
+    the next stage, its CPU would be billed to that stage. So such a stage waits, then opens its own sink."""
+    session, first, release = _stage_with_held_chart(monkeypatch, cpu="estimate", cpu_scope="system")
     second = _RunSink()
     threading.Timer(0.3, release.set).start()
     session.open(second)  # waits for the first stage's chart and close
     assert first.closed and first.closings == 1 and session.sink is second and second.started
     assert keys.POWER_PNG in [a[0] for a in first.artifacts]
+    session.close()
+
+
+def test_a_next_stage_with_a_process_scope_estimate_takes_the_sink_over(gpu, monkeypatch):
+    """The process-scope estimate leaves wattlog's helper processes out, so the chart is not billed."""
+    session, first, release = _stage_with_held_chart(monkeypatch, cpu="estimate", cpu_scope="process")
+    session.open(_RunSink())  # returns while the chart is held
+    assert session.sink is first and not first.closed
+    release.set()
+    session.suspend()
+    session.wait_finished()
+    assert first.closings == 1
     session.close()
 
 

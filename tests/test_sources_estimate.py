@@ -169,6 +169,7 @@ class FakeProc:
         self.user_s = user_s
         self.rss = rss
         self._children = children or []
+        self.pid = -id(self)  # no real process has it
 
     def cpu_times(self):
         return PCpuTimes(self.user_s, 0.0, 0.0, 0.0)

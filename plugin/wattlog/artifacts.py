@@ -19,6 +19,7 @@ import tempfile
 from typing import Any
 
 from wattlog import keys
+from wattlog.helper_processes import HelperProcess
 
 ROWS_JSON = "rows.json"
 
@@ -41,7 +42,7 @@ class ChartJob:
         rows_path = os.path.join(self._dir, ROWS_JSON)
         with open(rows_path, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "estimated": estimated}, f)
-        self._proc = subprocess.Popen(
+        self._proc = HelperProcess(
             [sys.executable, "-m", "wattlog.artifacts", rows_path, self._png],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env={**os.environ, "MPLBACKEND": "Agg"})

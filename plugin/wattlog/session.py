@@ -191,8 +191,8 @@ class EnergySession:
 
         if not self._choices:
             self._select_sources()
-        if any(c.source is not None and c.kind in ("cpu", "ram") for c in self._choices):
-            self._finisher.wait()  # the last stage's chart process would be billed to this stage's CPU/RAM
+        if any(c.source is not None and c.source.sees_helper_processes for c in self._choices):
+            self._finisher.wait()  # the last stage's chart process would be billed to this stage
         meter = EnergyMeter([c.source for c in self._choices if c.source is not None], self.options.sample_interval_s)
         domains = meter.start()  # before the sink starts its delivery process: measure from the first hook
         # the last stage's sink if it is still drawing its chart (once the meter runs: never left adopted)

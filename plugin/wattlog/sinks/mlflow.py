@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from wattlog.errors import ConfigError, SinkError, WattlogWarning, strict_mode
+from wattlog.helper_processes import HelperProcess
 from wattlog.sinks import spool as _spool
 from wattlog.sinks.deliver import URI_ENV, InProcessDelivery
 from wattlog.sinks.spool import ArtifactRecord, Point, Record, RunRecord, default_spool_dir, redact_text, redact_uri
@@ -178,7 +179,7 @@ class MlflowSink:
         env[URI_ENV] = self._uri
         env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # the follower retries, in order, with its own backoff
         env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = env.get("WATTLOG_DELIVERY_REQUEST_TIMEOUT_S", "5")
-        self._proc = subprocess.Popen(
+        self._proc = HelperProcess(
             [sys.executable, "-m", "wattlog.sinks.deliver", "--spool", str(self.spool_path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
         )

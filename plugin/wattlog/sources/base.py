@@ -64,6 +64,10 @@ class EnergySource(ABC):
     resolution_s: float = 0.0
     """The shortest time this source resolves (an estimate's update interval); 0: no coarser than the sampler."""
 
+    sees_helper_processes: bool = False
+    """Whether wattlog's own delivery and chart processes show up in this source's energy (a package
+    power counter, a machine-wide estimate): a next stage then waits for the last stage's chart."""
+
     @abstractmethod
     def start(self) -> list[Domain]:
         """Open the hardware and return the domains this source measures.

@@ -27,7 +27,7 @@ import platform
 import re
 from pathlib import Path
 
-from wattlog import units
+from wattlog import helper_processes, units
 from wattlog.errors import ConfigError, SourceError, SourceUnavailable
 from wattlog.sources.base import Domain, EnergySource, Reading
 
@@ -273,7 +273,8 @@ class EstimatedCpu(_SteppedPower):
             ``DEFAULT_TDP_W_PER_THREAD`` x logical CPUs.
         scope: ``system`` (all busy CPU time of the machine, from ``psutil.cpu_times()``) or
             ``process`` (CPU time of this process and its live children, recursively, plus the
-            reaped children's totals, over elapsed time x logical CPUs).
+            reaped children's totals, over elapsed time x logical CPUs; wattlog's own delivery and
+            chart processes left out, see :mod:`wattlog.helper_processes`).
         cpu_model: overrides the detected model name used for the table lookup.
         update_interval_s: minimum time between utilisation samples.
 
@@ -309,6 +310,10 @@ class EstimatedCpu(_SteppedPower):
         self._last_busy_s = 0.0
         self._last_total_s = 0.0
         self._proc: object | None = None
+
+    @property
+    def sees_helper_processes(self) -> bool:  # type: ignore[override]
+        return self._scope == "system"
 
     def resolve_tdp(self) -> tuple[float, str]:
         """The whole-machine TDP in watts and where it came from (``cpu_tdp_source``)."""
@@ -351,15 +356,20 @@ class EstimatedCpu(_SteppedPower):
             total_s -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
             return total_s - t.idle - getattr(t, "iowait", 0.0), total_s
         proc = self._proc
-        busy_s = 0.0
-        t = proc.cpu_times()  # type: ignore[attr-defined]
-        busy_s += t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
-        for child in proc.children(recursive=True):  # type: ignore[attr-defined]
-            try:
-                ct = child.cpu_times()
-            except psutil.Error:  # exited between listing and reading: its time is lost or reaped
-                continue
-            busy_s += ct.user + ct.system
+        with helper_processes.LOCK:  # a helper reaped meanwhile would be in neither or in both totals
+            t = proc.cpu_times()  # type: ignore[attr-defined]
+            busy_s = t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+            busy_s -= helper_processes.reaped_cpu_s()  # wattlog's own, reaped: in children_user/system
+            helpers = helper_processes.live_pids()
+            for child in proc.children(recursive=True):  # type: ignore[attr-defined]
+                try:
+                    ct = child.cpu_times()
+                except psutil.Error:  # exited between listing and reading: its time is lost or reaped
+                    continue
+                if child.pid in helpers:
+                    helper_processes.note_cpu_s(child.pid, ct.user + ct.system)
+                else:
+                    busy_s += ct.user + ct.system
         return busy_s, 0.0
 
     def _utilisation(self, wall_span_s: float) -> float:
@@ -396,8 +406,8 @@ class EstimatedRam(_SteppedPower):
     from DIMM power per DIMM size, and DIMM sizes are binary.
 
     Args:
-        scope: ``process``: resident set size of this process and its children, recursively
-            (RSS counts pages shared by forked workers once per process, so it is an upper
+        scope: ``process``: resident set size of this process and its children, recursively,
+            wattlog's own helper processes left out (RSS counts pages shared by forked workers once per process, so it is an upper
             bound); ``system``: total minus available memory of the machine.
         update_interval_s: minimum time between memory samples (the process-tree walk costs ms).
 
@@ -413,6 +423,10 @@ class EstimatedRam(_SteppedPower):
         self._scope = _check_scope(scope)
         self._proc: object | None = None
         self._power_w = 0.0
+
+    @property
+    def sees_helper_processes(self) -> bool:  # type: ignore[override]
+        return self._scope == "system"
 
     def start(self) -> list[Domain]:
         """Take the first memory sample and return the ``ram`` domain."""
@@ -439,7 +453,10 @@ class EstimatedRam(_SteppedPower):
             return float(vm.total - vm.available)
         proc = self._proc
         used = float(proc.memory_info().rss)  # type: ignore[attr-defined]
+        helpers = helper_processes.live_pids()
         for child in proc.children(recursive=True):  # type: ignore[attr-defined]
+            if child.pid in helpers:
+                continue  # wattlog's own delivery or chart process
             try:
                 used += child.memory_info().rss
             except psutil.Error:

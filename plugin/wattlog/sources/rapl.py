@@ -82,6 +82,7 @@ class Rapl(EnergySource):
     """
 
     kind = "cpu"
+    sees_helper_processes = True  # package power: every process on the package
 
     def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, include_dram: bool = True) -> None:
         self._root = Path(root)
