@@ -1,10 +1,15 @@
 """wattlog side by side with Zeus, CodeCarbon and MLflow system metrics, on simulated GPUs under the real pynvml.
 
-Run (one command, about 12 minutes on a 2-core machine with the default 2 rounds; peers from the ``[bench]`` extra):
+The ``control`` configuration is no tool plus the background work wattlog adds, without wattlog: a thread
+waking every 20 ms to read the GPUs, and a child process at nice +10 that imports mlflow and opens the store
+(the delivery process's start-up). Its throughput separates what any such background work costs on the
+machine from wattlog's own.
+
+Run (one command, about 25 minutes on a 2-core machine with the default 2 rounds; peers from the ``[bench]`` extra):
 
     .venv/bin/pip install -e ".[bench]"
     .venv/bin/python bench/peers.py [--rounds 2] [--steps 250] [--acc-steps 200] [--short-steps 30]
-                                    [--coverage-steps 2400]
+                                    [--coverage-steps 2400] [--tools wattlog,control] [--sample-interval-s 0.02]
                                     [--out bench/results/peers.md]
 
 Every measurement runs in a fresh process (bench/peers_child.py), with two simulated H100s behind the real
@@ -22,8 +27,10 @@ see them), so every peer runs unmodified. Two parts:
 3. **A short fit**, ``--short-steps`` steps (~1 s; 0 skips it), without a tool and with wattlog, interleaved
    once per round: what a stage shorter than the delivery process's start-up costs (fit() wall time and the
    training thread's time in wattlog's calls).
-4. **Coverage of a longer fit**, wattlog alone on the same fit with ``--coverage-steps`` steps (~1 min with the
-   default 2400; 0 skips it), once per round: the share of ``trainer.fit()`` measured, and where the rest lies.
+4. **A longer fit**, the same fit with ``--coverage-steps`` steps (~1 min with the default 2400; 0 skips it),
+   wattlog at per-step logging and no tool, interleaved once per round: throughput where the fixed costs
+   (the delivery process's start-up) are spread thinner, the share of ``trainer.fit()`` measured, and where
+   the rest lies.
    Parts 1 and 4 split the unmeasured time of ``fit()`` into Lightning's own (before the first callback's
    ``setup``, after the last one's ``teardown``) and the tool's (from that ``setup`` to its first reading, from
    its final reading to that ``teardown``).
@@ -57,6 +64,7 @@ FIT = [  # (config, column title, needs)
     ("codecarbon_fit", "CodeCarbon, tracker over the fit", "codecarbon"),
     ("codecarbon_tasks", "CodeCarbon, task per step", "codecarbon"),
     ("mlflow", "MLflow system metrics (1 s)", None),
+    ("control", "control: no tool, a 20 ms thread and a niced child importing mlflow", None),
 ]
 ACC = [("wattlog", "wattlog", None), ("zeus", "Zeus (window per step)", "zeus"),
        ("codecarbon", "CodeCarbon (task per step)", "codecarbon"), ("mlflow", "MLflow system metrics", None)]
@@ -100,6 +108,8 @@ def main() -> None:
                     "wattlog,wattlog_every1: shorter rounds, less drift between a tool and its no-tool run")
     ap.add_argument("--readme", help="copy the overhead and error tables into this markdown file")
     ap.add_argument("--readme-only", action="store_true", help="only copy them, from an existing --out")
+    ap.add_argument("--sample-interval-s", type=float, default=0.02,
+                    help="wattlog's sample_interval_s in the fits (its default: 0.02)")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
@@ -130,7 +140,7 @@ def main() -> None:
         env = dict(os.environ, PATH=fakebin + os.pathsep + os.environ.get("PATH", ""), PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.path.join(REPO, "plugin") + os.pathsep + os.environ.get("PYTHONPATH", ""))
         uri = f"sqlite:///{tmp}/peers.db"
-        common = ["--uri", uri, "--root", tmp]
+        common = ["--uri", uri, "--root", tmp, "--sample-interval-s", str(args.sample_interval_s)]
         if not args.skip_fit:
             print("warm-up (store schema, imports)", flush=True)
             child(["fit", "none", "--steps", "20", *common], env)
@@ -156,12 +166,14 @@ def main() -> None:
                               flush=True)
         if args.coverage_steps > 0:
             for r in range(args.rounds):
-                out = child(["fit", "wattlog", "--steps", str(args.coverage_steps), *common], env)
-                if out is not None:
-                    out.update(part="coverage", round=r)
-                    rows.append(out)
-                    print(f"coverage round {r}: fit {out['fit_s']:.1f} s, {out['coverage']:.4f} of fit(), "
-                          f"{out['coverage_of_callbacks']:.4f} of the callbacks' span", flush=True)
+                for name in (("wattlog_every1", "none") if r % 2 == 0 else ("none", "wattlog_every1")):
+                    out = child(["fit", name, "--steps", str(args.coverage_steps), *common], env)
+                    if out is not None:
+                        out.update(part="coverage", round=r)
+                        rows.append(out)
+                        print(f"coverage round {r} {name:14s}: fit {out['fit_s']:.1f} s, {out['steps_per_s']:.2f} "
+                              f"steps/s, {out['coverage']:.4f} of fit(), {out['coverage_of_callbacks']:.4f} of the "
+                              "callbacks' span", flush=True)
         if not args.skip_accuracy:
             for counter in COUNTERS_MS:
                 for name, _, _ in acc_cfgs:
@@ -214,8 +226,10 @@ GAPS = [("before_setup", "Lightning, fit() entry to the first callback's setup")
         ("after_teardown", "Lightning, that teardown to fit()'s return (MLFlowLogger.finalize)")]
 
 
-def gap_table(title: str, rows: list[dict], cfgs: list[tuple[str, str]], shares: bool = False) -> list[str]:
-    """Rows of ``gaps_ms`` (median [min, max] per tool); tools measured over the whole fit have none."""
+def gap_table(title: str, rows: list[dict], cfgs: list[tuple[str, str]], shares: bool = False,
+              first: list[str] | None = None) -> list[str]:
+    """Rows of ``gaps_ms`` (median [min, max] per tool), after the ``first`` rows; tools measured over the
+    whole fit have none."""
     cfgs = [(c, t) for c, t in cfgs if any(r["tool"] == c and r.get("gaps_ms") for r in rows)]
     if not cfgs:
         return []
@@ -224,6 +238,7 @@ def gap_table(title: str, rows: list[dict], cfgs: list[tuple[str, str]], shares:
         return " | ".join(spread([fn(r) for r in rows if r["tool"] == c and r.get("gaps_ms")], fmt) for c, _ in cfgs)
 
     out = [title, "", "| figure | " + " | ".join(t for _, t in cfgs) + " |", "|" + "---|" * (len(cfgs) + 1)]
+    out += first or []
     if shares:
         out.append("| share of trainer.fit() wall time measured | " + cells(lambda r: r["coverage"], "{:.4f}") + " |")
         out.append("| share of the callbacks' span measured | "
@@ -245,7 +260,8 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
     lines = [f"# wattlog vs peers ({started}; `bench/peers.py --rounds {args.rounds} --steps {args.steps} "
              f"--acc-steps {args.acc_steps} --short-steps {args.short_steps} --coverage-steps "
              f"{args.coverage_steps}{' --tools ' + args.tools if args.tools else ''}"
-             f"{' --skip-accuracy' if args.skip_accuracy else ''}`)", ""]
+             f"{' --skip-accuracy' if args.skip_accuracy else ''}"
+             f"{f' --sample-interval-s {args.sample_interval_s:g}' if args.sample_interval_s != 0.02 else ''}`)", ""]
     lines += ["Simulated GPUs under the real pynvml (bench/simgpu.py), each measurement in a fresh process, "
               "rounds interleaved; median [min, max] over rounds. Machine: "
               f"{os.cpu_count()} CPUs, shared with other jobs (timings are noisy; read ratios and orders of "
@@ -293,9 +309,13 @@ def write(args, rows, fit_cfgs, acc_cfgs, skipped, started) -> None:
                   f"| share of trainer.fit() wall time measured | {spread([r['coverage'] for r, _ in paired])} |", ""]
     covs = [r for r in rows if r["part"] == "coverage"]
     if covs:
-        lines += gap_table(f"## Coverage of a longer fit: {args.coverage_steps} steps, wattlog alone "
-                           f"(fit() {spread([r['fit_s'] for r in covs], '{:.1f}')} s)", covs, [("wattlog", "wattlog")],
-                           shares=True)
+        cov_base = {r["round"]: r for r in covs if r["tool"] == "none"}
+        cov_tool = [r for r in covs if r["tool"] != "none"]
+        ratios = [r["steps_per_s"] / cov_base[r["round"]]["steps_per_s"] for r in cov_tool if r["round"] in cov_base]
+        lines += gap_table(f"## A longer fit: {args.coverage_steps} steps, wattlog at per-step logging against no tool, "
+                           f"paired per round (fit() {spread([r['fit_s'] for r in cov_tool], '{:.1f}')} s)", cov_tool,
+                           [(cov_tool[0]["tool"], "wattlog, log every step")] if cov_tool else [], shares=True,
+                           first=[f"| throughput vs no tool | {spread(ratios)} |"] if ratios else [])
     accs = [r for r in rows if r["part"] == "accuracy"]
     if accs:
         lines += [f"## Per-step GPU energy error, square-wave power, 25 ms steps ({args.acc_steps} steps; "

@@ -5,7 +5,8 @@ Parts:
   ``none``, ``wattlog`` (EnergyMonitor, the trainer's log_every_n_steps), ``wattlog_every1`` (per-step
   points), ``zeus_step`` (a ZeusMonitor window per step), ``zeus_fit`` (one window over the fit),
   ``codecarbon_fit`` (an offline tracker over the fit), ``codecarbon_tasks`` (a task per step),
-  ``mlflow`` (MLflow system metrics, 1 s sampling). Reports steps/s, the tool's training-thread time per
+  ``mlflow`` (MLflow system metrics, 1 s sampling), ``control`` (no tool, wattlog's background work without
+  wattlog: a 20-ms GPU-reading thread and a niced child importing mlflow). Reports steps/s, the tool's training-thread time per
   step and outside the steps, main-thread and process CPU per step, and the share of fit wall time measured.
 - ``accuracy TOOL``: 25 ms steps (sleeping, no Lightning) under square-wave power; each tool's per-step
   GPU energy against the simulator's exact integral.
@@ -58,6 +59,9 @@ class Clock:
         return timed
 
 
+SAMPLE_S = [0.02]
+"""wattlog's sample_interval_s in the fit (``--sample-interval-s``; EnergyMonitor's default)."""
+
 GPU_WAIT_S = 0.02
 """Each fit step: ~5 ms of CPU (a small MLP) plus 20 ms waiting, like a GPU-bound step (~25 ms)."""
 STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end")
@@ -105,6 +109,7 @@ def make_callbacks(tool: str, clock: Clock, spans: list, sim):
             if self.index == 1:
                 self.at[1] = time.perf_counter()
 
+    Background = _background_callback()
     steps = StepTimes()
     steps.reach = [None, None]
     steps.empty_clock = Clock()
@@ -129,6 +134,7 @@ def make_callbacks(tool: str, clock: Clock, spans: list, sim):
         wmeter.EnergyMeter.start, wmeter.EnergyMeter.close = start_spy, close_spy
         every = {"log_every_n_steps": 1} if tool == "wattlog_every1" else {}
         cbs.append(instrument(EnergyMonitor(gpus=[0, 1], cpu="estimate", ram="estimate", progress_bar=False,
+                                            sample_interval_s=SAMPLE_S[0],
                                             **every), clock))
     elif tool == "zeus_step":
         from zeus.monitor import ZeusMonitor
@@ -163,8 +169,52 @@ def make_callbacks(tool: str, clock: Clock, spans: list, sim):
                 spans.append([self.t0, time.perf_counter()])
 
         cbs.append(CodeCarbonTasks)  # completed in run_fit, once the tracker exists
+    elif tool == "control":
+        cbs.append(Background(sim))
     cbs.append(Reach(steps.reach, 1))
     return steps, cbs
+
+
+def _background_callback():
+    import lightning.pytorch as pl
+
+    class Background(pl.Callback):
+        """No tool, but wattlog's background work: a thread reading both GPUs every 20 ms (the sampler) and
+        a child at nice +10 that imports mlflow, opens the store and waits (the delivery process)."""
+
+        def __init__(self, sim) -> None:
+            self.sim = sim
+
+        def setup(self, trainer, pl_module, stage):
+            import subprocess
+            import threading
+
+            import pynvml
+
+            code = ("import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments(); "
+                    "sys.stdin.read()")
+            self.proc = subprocess.Popen([sys.executable, "-c", code, os.environ["PEERS_URI"]],
+                                         stdin=subprocess.PIPE)
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
+            self.stop = threading.Event()
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in (0, 1)]
+
+            def sample() -> None:
+                while not self.stop.wait(0.02):
+                    for h in handles:
+                        pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+
+        def teardown(self, trainer, pl_module, stage):
+            self.stop.set()
+            self.thread.join()
+            self.proc.kill()  # by a long fit's end it has started up, as the delivery process would have
+            self.proc.wait()
+
+    return Background
 
 
 def codecarbon_tracker():
@@ -362,8 +412,11 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=25.0)
     ap.add_argument("--uri", required=True)
     ap.add_argument("--root", default=".")
+    ap.add_argument("--sample-interval-s", type=float, default=0.02)
     args = ap.parse_args()
     os.environ.setdefault("WATTLOG_SPOOL_DIR", os.path.join(args.root, "spool"))
+    os.environ["PEERS_URI"] = args.uri
+    SAMPLE_S[0] = args.sample_interval_s
     if args.part == "fit":
         out = run_fit(args.tool, args.steps, args.uri, args.root)
     else:
