@@ -45,9 +45,13 @@ def test_a_helper_runs_niced_and_leaves_the_live_set_when_reaped():
 @pytest.mark.parametrize("reap", ["wait", "poll", "communicate", "kill"])
 def test_a_reaped_helper_adds_its_cpu_seconds(reap):
     before = helper_processes.reaped_cpu_s()
-    proc = _burner(HelperProcess, 5.0 if reap == "kill" else 0.3, stdout=subprocess.PIPE)
+    proc = _burner(HelperProcess, 5.0 if reap == "kill" else 0.4, stdout=subprocess.PIPE)
     if reap == "kill":
-        time.sleep(0.5)
+        import psutil
+
+        deadline = time.monotonic() + 30
+        while sum(psutil.Process(proc.pid).cpu_times()[:2]) < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.02)  # niced: on a busy machine it may get the CPU late
         proc.kill()
         proc.wait()
     elif reap == "poll":
@@ -58,7 +62,7 @@ def test_a_reaped_helper_adds_its_cpu_seconds(reap):
     else:
         proc.wait(timeout=30)
     added = helper_processes.reaped_cpu_s() - before
-    assert added >= (0.2 if reap == "kill" else 0.3)  # its whole CPU time, start-up included
+    assert added >= 0.3  # its CPU time (0.4 s burnt; the kernel counts in clock ticks)
     assert added < 6.0
 
 
@@ -71,7 +75,7 @@ def test_the_process_scope_cpu_estimate_leaves_helpers_out_and_counts_other_chil
         other = _burner(subprocess.Popen, 0.4)
         other.wait(timeout=30)
         t1 = _tree_cpu_s(src)
-        assert t1 - t0 >= 0.4  # a user's child: billed, once reaped
+        assert t1 - t0 >= 0.35  # a user's child (0.4 s burnt): billed, once reaped
 
         helper = _burner(HelperProcess, 0.4)
         seen = [_tree_cpu_s(src)]
