@@ -156,24 +156,12 @@ def main() -> None:
                               f"{out['hook_step_us']:6.1f} us/step, fixed {out['fixed_s']:.3f} s, "
                               f"coverage {out['coverage']:.3f}", flush=True)
         if args.short_steps > 0:
-            for r in range(args.rounds):
-                for name in (("none", "wattlog") if r % 2 == 0 else ("wattlog", "none")):
-                    out = child(["fit", name, "--steps", str(args.short_steps), *common], env)
-                    if out is not None:
-                        out.update(part="short", round=r)
-                        rows.append(out)
-                        print(f"short round {r} {name:8s} fit {out['fit_s']:.2f} s, fixed {out['fixed_s']:.3f} s",
-                              flush=True)
+            run_paired("short", "wattlog", args.short_steps, args, common, env, rows,
+                       lambda o: f"fit {o['fit_s']:.2f} s, fixed {o['fixed_s']:.3f} s")
         if args.coverage_steps > 0:
-            for r in range(args.rounds):
-                for name in (("wattlog_every1", "none") if r % 2 == 0 else ("none", "wattlog_every1")):
-                    out = child(["fit", name, "--steps", str(args.coverage_steps), *common], env)
-                    if out is not None:
-                        out.update(part="coverage", round=r)
-                        rows.append(out)
-                        print(f"coverage round {r} {name:14s}: fit {out['fit_s']:.1f} s, {out['steps_per_s']:.2f} "
-                              f"steps/s, {out['coverage']:.4f} of fit(), {out['coverage_of_callbacks']:.4f} of the "
-                              "callbacks' span", flush=True)
+            run_paired("coverage", "wattlog_every1", args.coverage_steps, args, common, env, rows,
+                       lambda o: f"fit {o['fit_s']:.1f} s, {o['steps_per_s']:.2f} steps/s, {o['coverage']:.4f} of "
+                                 f"fit(), {o['coverage_of_callbacks']:.4f} of the callbacks' span")
         if not args.skip_accuracy:
             for counter in COUNTERS_MS:
                 for name, _, _ in acc_cfgs:
@@ -189,6 +177,18 @@ def main() -> None:
     write(args, rows, fit_cfgs, acc_cfgs, skipped, started)
     if args.readme:
         copy_tables(args.out, args.readme)
+
+
+def run_paired(part: str, tool: str, steps: int, args, common: list[str], env: dict[str, str], rows: list[dict],
+               describe) -> None:
+    """``tool`` and no tool on a ``steps``-step fit once per round, alternating which runs first; rows get ``part``."""
+    for r in range(args.rounds):
+        for name in (("none", tool) if r % 2 == 0 else (tool, "none")):
+            out = child(["fit", name, "--steps", str(steps), *common], env)
+            if out is not None:
+                out.update(part=part, round=r)
+                rows.append(out)
+                print(f"{part} round {r} {name:14s} " + describe(out), flush=True)
 
 
 TABLE_HEADS = ("| figure | wattlog | wattlog, log every step", "| energy counter period |")
