@@ -25,13 +25,10 @@ def _tree_cpu_s(src: EstimatedCpu) -> float:
     return src._cpu_seconds()[0]
 
 
-def test_a_helper_runs_niced_and_leaves_the_live_set_when_reaped():
+def test_a_helper_leaves_the_live_set_when_reaped():
     proc = HelperProcess([sys.executable, "-c", "import time; time.sleep(0.5)"])
     try:
         assert proc.pid in helper_processes.live_pids()
-        if hasattr(os, "getpriority"):
-            parent = os.getpriority(os.PRIO_PROCESS, 0)
-            assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, parent + helper_processes.NICE)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=0.05)  # still sleeping: a timeout, as Popen.wait gives
         assert proc.wait(timeout=10) == 0
@@ -120,3 +117,4 @@ def test_only_process_scope_estimates_do_not_see_helpers(tmp_path):
     assert EstimatedRam(scope="system").sees_helper_processes
     assert Rapl(root=tmp_path).sees_helper_processes
     assert not NvmlGpu.sees_helper_processes
+

@@ -4,19 +4,25 @@ The CPU and RAM estimates in ``process`` scope bill this process's tree. wattlog
 tree, yet they are the tool's work, not the user's: a chart drawn while the next stage runs (~1 s of
 CPU) would triple a short ``test()`` stage's CPU energy. So every helper is a :class:`HelperProcess`:
 
-- it runs at a lower priority (nice +10), so it yields the CPU to training and data-loader workers;
-- while it lives, the estimates skip its pid (:func:`live_pids`);
-- when it is reaped, its CPU-seconds (read from the zombie just before the reap, under :data:`LOCK`) are
-  added to :func:`reaped_cpu_s`, which the estimate subtracts from this process's reaped-children total.
+- it lowers its own priority (``os.nice(10)`` in ``wattlog.sinks.deliver`` and ``wattlog.artifacts``), so
+  it yields the CPU to training and data-loader workers;
+- while it lives, the estimates skip its pid (:func:`live_pids`; not its own children, if it has any);
+- when it is reaped, its CPU-seconds (read from the zombie's ``/proc`` entry through psutil just before the
+  reap, under :data:`LOCK`) are added to :func:`reaped_cpu_s`, which the estimate subtracts from this
+  process's reaped-children total.
 
-Where the zombie cannot be read (no ``os.waitid``, or psutil refuses it), the helper's last CPU reading
-seen by :func:`note_cpu_s` stands in, so at most the CPU since that reading is billed.
+Only Linux reports reaped children's CPU time (psutil's ``children_user``/``children_system`` are 0
+elsewhere), so only there is anything added. Where the zombie cannot be read, the helper's last CPU
+reading seen by :func:`note_cpu_s` stands in: at most the CPU since that reading is billed. A helper
+reaped behind this class's back (Popen's garbage collection of an unclosed one) is billed like a child
+of the user's.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -24,7 +30,10 @@ from typing import Any
 __all__ = ["LOCK", "NICE", "HelperProcess", "live_pids", "note_cpu_s", "reaped_cpu_s"]
 
 NICE = 10
-"""How much lower a helper's priority is than its parent's (``os.setpriority``; 0..19 on Linux)."""
+"""How much lower a helper's priority is than its parent's (each helper calls ``os.nice(NICE)`` itself)."""
+
+_REAPED_IN_PARENT = sys.platform.startswith("linux")
+"""Whether this process's reaped-children CPU total (psutil's ``children_user``) holds reaped helpers."""
 
 LOCK = threading.RLock()
 """Held while a helper is reaped and while an estimate reads the process tree, so both see one state."""
@@ -83,22 +92,23 @@ def _exited(pid: int, timeout_s: float | None) -> bool | None:
 
 
 class HelperProcess(subprocess.Popen):  # type: ignore[type-arg]
-    """A ``subprocess.Popen`` of wattlog's own: niced, skipped by the estimates, its CPU accounted at reap."""
+    """A ``subprocess.Popen`` of wattlog's own: skipped by the estimates, its CPU accounted at reap."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        with LOCK:
+        with LOCK:  # registered before an estimate can see it in the process tree
+            super().__init__(*args, **kwargs)
             _live[self.pid] = 0.0
-        if hasattr(os, "setpriority"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, self.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE))
-            except OSError:
-                pass  # exited already, or not permitted: it runs at its parent's priority
 
     def poll(self) -> int | None:
-        if self.returncode is None and self.pid in _live and _exited(self.pid, 0.0):
-            return self._reap()
-        return self._reaped(super().poll())
+        if self.returncode is None and self.pid in _live:
+            exited = _exited(self.pid, 0.0)
+            if exited:
+                return self._reap()
+            if exited is False:
+                return None
+            with LOCK:  # cannot tell without reaping: reap and account in one step
+                return self._reaped(super().poll())
+        return super().poll()
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None and self.pid in _live:
@@ -107,7 +117,21 @@ class HelperProcess(subprocess.Popen):  # type: ignore[type-arg]
                 return self._reap()
             if exited is False:
                 raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
-        return self._reaped(super().wait(timeout))  # type: ignore[arg-type]
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while (rc := self.poll()) is None:  # no os.waitid here: poll, so the reap is accounted
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+                time.sleep(0.01)
+            return rc
+        return super().wait(timeout)  # type: ignore[arg-type]
+
+    def __del__(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "returncode", 0) is None:
+            try:
+                self.poll()  # an exited helper is accounted before Popen's own clean-up reaps it
+            except Exception:
+                pass
+        super().__del__(*args, **kwargs)
 
     def _reap(self) -> int:
         with LOCK:
@@ -118,11 +142,10 @@ class HelperProcess(subprocess.Popen):  # type: ignore[type-arg]
 
     def _reaped(self, rc: int | None) -> int | None:
         if rc is not None:
-            with LOCK:
-                self._account(None)
+            self._account(None)
         return rc
 
     def _account(self, cpu_s: float | None) -> None:
         seen_s = _live.pop(self.pid, None)
-        if seen_s is not None:
+        if seen_s is not None and _REAPED_IN_PARENT:
             _reaped_s[0] += cpu_s if cpu_s is not None else seen_s

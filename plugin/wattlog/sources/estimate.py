@@ -453,8 +453,10 @@ class EstimatedRam(_SteppedPower):
             return float(vm.total - vm.available)
         proc = self._proc
         used = float(proc.memory_info().rss)  # type: ignore[attr-defined]
-        helpers = helper_processes.live_pids()
-        for child in proc.children(recursive=True):  # type: ignore[attr-defined]
+        with helper_processes.LOCK:
+            helpers = helper_processes.live_pids()
+            children = proc.children(recursive=True)  # type: ignore[attr-defined]
+        for child in children:
             if child.pid in helpers:
                 continue  # wattlog's own delivery or chart process
             try:
