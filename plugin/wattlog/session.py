@@ -17,11 +17,11 @@ Lifecycle: :meth:`open` (a stage starts: sink and meter) ... :meth:`end_stage` .
 (the stage's sink is closed, by a ``wattlog-finish`` thread once ``power.png`` is in it; no thread,
 process or file stays open past that), then :meth:`open` again with a
 new sink for the next stage of the same run (the totals continue), or :meth:`close`. A next stage
-that measures no CPU or RAM and opens while the last one's chart is still drawn, with a sink to the
-same destination, takes the last stage's sink over instead of waiting
-(:class:`~wattlog.finisher.StageFinisher`): that sink then stays open until the later stage's end. A
-stage that measures CPU or RAM waits, before it starts measuring, so that the chart process's CPU is
-not billed to it.
+that opens while the last one's chart is still drawn, with a sink to the same destination, takes the
+last stage's sink over instead of waiting (:class:`~wattlog.finisher.StageFinisher`): that sink then
+stays open until the later stage's end. A stage with a source that sees every process (RAPL, a
+``system``-scope estimate: ``sees_helper_processes``) waits instead, before it starts measuring, so
+that the chart process's energy is not billed to it.
 
 Logged keys (see :mod:`wattlog.keys`): per train step ``energy/step_j``, ``energy/power_w``,
 ``energy/total_j``, ``energy/emissions_g``, ``energy/gpu_power_w`` (GPU measured) and
@@ -244,8 +244,8 @@ class EnergySession:
 
         The stage's ``power.png`` is drawn from here on (after the stage end's flush), on a
         ``wattlog-finish`` thread that then closes the primary sink (:class:`~wattlog.finisher.StageFinisher`):
-        the caller does not wait for the drawing, and a next stage of the same run that measures no CPU
-        or RAM takes the sink over instead of waiting (see :meth:`open`). :meth:`close` waits for it; so does strict mode, here, so that a failed chart
+        the caller does not wait for the drawing, and a next stage of the same run takes the sink over
+        instead of waiting (unless a source of it sees every process, see :meth:`open`). :meth:`close` waits for it; so does strict mode, here, so that a failed chart
         raises to the caller.
         """
         try:

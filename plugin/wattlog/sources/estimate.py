@@ -226,6 +226,13 @@ class _SteppedPower(EnergySource):
 
     _domain_name: str
 
+    _scope = "system"  # set by each estimate from its ``scope``
+
+    @property
+    def sees_helper_processes(self) -> bool:  # type: ignore[override]
+        """Only the ``system`` scope sees wattlog's helper processes (``process`` leaves them out)."""
+        return self._scope == "system"
+
     def __init__(self, update_interval_s: float) -> None:
         self._update_interval_s = _check_interval(update_interval_s)
         self.resolution_s = self._update_interval_s
@@ -310,10 +317,6 @@ class EstimatedCpu(_SteppedPower):
         self._last_busy_s = 0.0
         self._last_total_s = 0.0
         self._proc: object | None = None
-
-    @property
-    def sees_helper_processes(self) -> bool:  # type: ignore[override]
-        return self._scope == "system"
 
     def resolve_tdp(self) -> tuple[float, str]:
         """The whole-machine TDP in watts and where it came from (``cpu_tdp_source``)."""
@@ -423,10 +426,6 @@ class EstimatedRam(_SteppedPower):
         self._scope = _check_scope(scope)
         self._proc: object | None = None
         self._power_w = 0.0
-
-    @property
-    def sees_helper_processes(self) -> bool:  # type: ignore[override]
-        return self._scope == "system"
 
     def start(self) -> list[Domain]:
         """Take the first memory sample and return the ``ram`` domain."""
